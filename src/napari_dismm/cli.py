@@ -1,0 +1,115 @@
+"""The `dismm` command line.
+
+Subcommands are dispatched with `match`; heavy imports (torch, napari, Qt) happen inside
+the branch that needs them, so `dismm --help` is instant. Errors the user can fix exit with
+status 2 and one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from napari_dismm import __version__
+from napari_dismm.errors import DismmError
+
+EXIT_OK = 0
+EXIT_BAD_INPUT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one line (exit 2), like every other bad input."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"{self.prog}: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="dismm",
+        description="Disentangled multi-modal learning of histology and transcriptomics: "
+        "view slides, extract features, train and run DisMM models.",
+    )
+    parser.add_argument("--version", action="version", version=f"napari-dismm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    view = sub.add_parser("view", help="open a whole-slide image (and a prediction bundle) in napari")
+    view.add_argument("slide", type=Path, help="slide file (.svs, .ndpi, .mrxs, .tif, ...)")
+    view.add_argument("bundle", type=Path, nargs="?", help="prediction bundle directory from `dismm predict`")
+    view.add_argument("--mpp", type=float, default=None, help="override microns per pixel at level 0")
+    view.add_argument("--first-frame", action="store_true", help=argparse.SUPPRESS)
+
+    demo = sub.add_parser("demo", help="the embedded default: the generated sample slide in napari")
+    demo.add_argument("--headless", action="store_true", help="no window: write outputs to --out")
+    demo.add_argument("--out", type=Path, default=None, help="output directory for --headless (default ./dismm-demo)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        match args.command:
+            case "view":
+                return _view(args)
+            case "demo":
+                return _demo(args)
+            case _:
+                parser.print_help()
+                return EXIT_OK
+    except DismmError as error:
+        return _fail(error)
+    except KeyboardInterrupt:
+        print("dismm: interrupted", file=sys.stderr)
+        return 130
+
+
+def _fail(error: Exception) -> int:
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    print(f"dismm: error: {message}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def _view(args: argparse.Namespace) -> int:
+    from napari_dismm.slide import open_slide
+
+    # Validate headless first, so bad input fails before a window opens.
+    slide = open_slide(args.slide, mpp=args.mpp)
+    if args.bundle is not None and not args.bundle.exists():
+        raise DismmError(f"prediction bundle not found: {args.bundle}")
+    from napari_dismm.viewer.app import require_display, show_slide
+
+    require_display()
+    show_slide(slide, exit_after_first_frame=args.first_frame)
+    return EXIT_OK
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from napari_dismm.slide import open_slide
+    from napari_dismm.slide.synthetic import sample_slide_path
+    from napari_dismm.viewer.app import display_available
+
+    started = time.perf_counter()
+    print("dismm demo: preparing the generated sample slide ...", file=sys.stderr)
+    slide = open_slide(sample_slide_path())
+    headless = args.headless or not display_available()
+    if headless:
+        out = args.out or Path("dismm-demo")
+        if not args.headless:
+            print(f"dismm demo: no display found; running headless, writing to {out}/", file=sys.stderr)
+        from napari_dismm.viewer.app import headless_screenshot
+
+        shot = headless_screenshot(slide, out_dir=out)
+        print(f"dismm demo: wrote {shot} in {time.perf_counter() - started:.1f} s")
+        return EXIT_OK
+    from napari_dismm.viewer.app import show_slide
+
+    show_slide(slide)
+    return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,3 @@
+"""The napari side of napari-dismm: reader, sample data, layers and widgets.
+
+The only package that imports napari, magicgui or Qt."""

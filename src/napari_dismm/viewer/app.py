@@ -1,0 +1,118 @@
+"""Starting napari for the command line: a window, or a virtual screen for headless runs.
+
+napari needs OpenGL, which offscreen Qt does not have; headless runs therefore draw on an
+X virtual framebuffer (Xvfb) when no display is present.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from napari_dismm.errors import DismmError
+from napari_dismm.slide import Slide
+
+
+def display_available() -> bool:
+    if sys.platform in ("darwin", "win32"):
+        return True
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+def require_display() -> None:
+    if not display_available():
+        raise DismmError(
+            "no display found: run under `xvfb-run -a`, or use `dismm demo --headless --out DIR`"
+        )
+
+
+@contextlib.contextmanager
+def virtual_display(size: tuple[int, int] = (1280, 960)) -> Iterator[None]:
+    """Use the real display when there is one, else a private Xvfb for the duration."""
+    if display_available():
+        yield
+        return
+    try:
+        from pyvirtualdisplay import Display
+    except ImportError as error:  # pragma: no cover - depends on the install
+        raise DismmError("no display and pyvirtualdisplay is missing: pip install pyvirtualdisplay") from error
+    try:
+        display = Display(visible=False, size=size)
+        display.start()
+    except Exception as error:  # the Xvfb binary is missing or failed to start
+        raise DismmError(f"no display and Xvfb could not start ({error}); install the xvfb package") from error
+    try:
+        yield
+    finally:
+        display.stop()
+
+
+def new_viewer(*, show: bool = True, title: str = "napari-dismm"):
+    import napari
+
+    viewer = napari.Viewer(title=title, show=show)
+    viewer.scale_bar.visible = True
+    return viewer
+
+
+def add_slide(viewer, slide: Slide):
+    """Add the slide's layers and frame the whole slide."""
+    from napari_dismm.viewer.layers import slide_layer_data
+
+    data, kwargs, _ = slide_layer_data(slide)
+    layer = viewer.add_image(data, **kwargs)
+    if slide.info.mpp:
+        viewer.scale_bar.unit = "um"
+    viewer.reset_view()
+    return layer
+
+
+def show_slide(slide: Slide, *, exit_after_first_frame: bool = False) -> None:
+    """Open a window with the slide and run the event loop until it is closed."""
+    import napari
+
+    viewer = new_viewer(show=True)
+    add_slide(viewer, slide)
+    if exit_after_first_frame:
+        _quit_after_first_frame(viewer)
+    napari.run()
+
+
+def _quit_after_first_frame(viewer) -> None:
+    """For the benchmark: print seconds from process start to the first drawn frame, then quit."""
+    import psutil
+    from qtpy.QtCore import QTimer
+
+    canvas = viewer.window._qt_viewer.canvas._scene_canvas  # vispy SceneCanvas (private, benchmark only)
+    started = psutil.Process().create_time()
+
+    def on_draw(event) -> None:
+        canvas.events.draw.disconnect(on_draw)
+        print(f"first-frame-seconds {time.time() - started:.3f}", flush=True)
+        QTimer.singleShot(0, viewer.close)
+
+    canvas.events.draw.connect(on_draw)
+
+
+def headless_screenshot(slide: Slide, *, out_dir: Path) -> Path:
+    """Render the slide in a shown (virtual-screen) viewer and save a PNG of the canvas."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with virtual_display():
+        viewer = new_viewer(show=True)
+        try:
+            add_slide(viewer, slide)
+            image = viewer.screenshot(canvas_only=True, flash=False)
+        finally:
+            viewer.close()
+    from skimage.io import imsave
+
+    path = out_dir / "screenshot.png"
+    tmp = out_dir / ".screenshot.png.tmp.png"
+    imsave(tmp, image, check_contrast=False)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,31 @@
+"""napari reader contribution: returns None for paths it cannot read, a callable otherwise.
+
+No reading logic here: slides are opened by `napari_dismm.slide`, layers built by
+`napari_dismm.viewer.layers`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+from napari_dismm.slide import is_slide_path
+
+
+def napari_get_reader(path: str | Sequence[str]) -> Callable | None:
+    paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    if not paths or not all(_readable(p) for p in paths):
+        return None
+    return read_paths
+
+
+def _readable(path) -> bool:
+    path = os.fspath(path)
+    return os.path.isfile(path) and is_slide_path(path)
+
+
+def read_paths(path: str | Sequence[str]) -> list:
+    from napari_dismm.slide import open_slide
+    from napari_dismm.viewer.layers import slide_layer_data
+
+    paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    return [slide_layer_data(open_slide(os.fspath(p))) for p in paths]

@@ -1,0 +1,16 @@
+"""Shared test configuration: paths to the real test data beside the repository."""
+
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+CMU_SLIDE = SHARED / "testdata" / "CMU-1-Small-Region.svs"
+GENESETS = SHARED / "genesets"
+
+
+@pytest.fixture(scope="session")
+def cmu_slide_path() -> Path:
+    if not CMU_SLIDE.exists():
+        pytest.skip(f"real test slide not found at {CMU_SLIDE}")
+    return CMU_SLIDE
