@@ -1,0 +1,268 @@
+"""The training configuration: typed sections read from TOML, checked before any work.
+
+Why so strict: a misspelt key in a recipe (``learning_rate`` for ``lr``) would otherwise be
+ignored and a run would train with the default, unnoticed. Unknown keys, wrong types and
+out-of-bound values fail with one :class:`~napari_dismm.errors.ModelConfigError` line naming
+the section, the key and what is allowed. Each field carries its description, which the
+resolved config written into every run directory repeats as a comment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from napari_dismm.errors import ModelConfigError
+from napari_dismm.model.heads import COMBINE_RULES
+
+BASELINES = ("abmil", "late_fusion")
+SELECT_ON = ("loss", "metric")
+
+
+def _f(default: Any, help: str, *, lo: float | None = None, hi: float | None = None,
+       lo_open: bool = False, hi_open: bool = False, choices: tuple[str, ...] | None = None) -> Any:
+    """A field with its description and bounds in the metadata (read by ``_check``)."""
+    meta = {"help": help, "lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open, "choices": choices}
+    return field(default=default, metadata=meta)
+
+
+def _bound_text(meta: dict[str, Any]) -> str:
+    parts = []
+    if meta["lo"] is not None:
+        parts.append(f"{'>' if meta['lo_open'] else '>='} {meta['lo']:g}")
+    if meta["hi"] is not None:
+        parts.append(f"{'<' if meta['hi_open'] else '<='} {meta['hi']:g}")
+    return " and ".join(parts)
+
+
+def _check(obj: Any, section: str) -> None:
+    """Types and bounds of every field of a section, from its annotations and metadata."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, kind, meta = getattr(obj, f.name), hints[f.name], f.metadata
+        where = f"[{section}] {f.name} = {value!r}"
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise ModelConfigError(f"{where}: must be true or false")
+        elif kind is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ModelConfigError(f"{where}: must be an integer")
+        elif kind is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ModelConfigError(f"{where}: must be a finite number")
+            object.__setattr__(obj, f.name, float(value))
+            value = float(value)
+        elif kind is str:
+            if not isinstance(value, str):
+                raise ModelConfigError(f"{where}: must be a string")
+        else:  # tuple[str, ...]
+            if isinstance(value, list):
+                value = tuple(value)
+                object.__setattr__(obj, f.name, value)
+            if not isinstance(value, tuple) or not all(isinstance(v, str) for v in value):
+                raise ModelConfigError(f"{where}: must be a list of strings")
+        lo, hi = meta.get("lo"), meta.get("hi")
+        if lo is not None and (value < lo or (meta["lo_open"] and value == lo)) or (
+            hi is not None and (value > hi or (meta["hi_open"] and value == hi))
+        ):
+            raise ModelConfigError(f"{where}: must be {_bound_text(meta)} ({meta['help']})")
+        choices = meta.get("choices")
+        if choices is not None:
+            bad = [v for v in (value if isinstance(value, tuple) else (value,)) if v not in choices]
+            if bad:
+                raise ModelConfigError(f"{where}: {bad[0]!r} is not one of {', '.join(choices)}")
+
+
+# -- sections ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    max_patches: int = _f(4096, "training-time cap on patches per bag (random subset, reseeded each epoch)", lo=1)
+    batch_size: int = _f(8, "slides per batch (the DEV loss needs >= 2)", lo=1)
+    num_workers: int = _f(0, "DataLoader worker processes (0 = load in the main process)", lo=0)
+    cache_gb: float = _f(2.0, "memory for cached feature bags in GB (the whole cohort when it fits; 0 = none)", lo=0)
+    n_bins: int = _f(4, "survival: discrete time bins (edges: quantiles of training-fold event times)", lo=1)
+    log1p: bool = _f(True, "log1p the expression before z-scoring (false for tables already log-scaled)")
+    magnifications: tuple[str, ...] = _f(("10x", "20x"), "magnifications, one features_<mag> column each")
+
+    def __post_init__(self) -> None:
+        _check(self, "data")
+        if not self.magnifications or len(set(self.magnifications)) != len(self.magnifications):
+            raise ModelConfigError(f"[data] magnifications = {list(self.magnifications)}: must be distinct, non-empty")
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    d: int = _f(128, "token and subspace feature width", lo=1)
+    dropout: float = _f(0.25, "dropout in the patch embedding, attention and gene encoders", lo=0, hi=1, hi_open=True)
+    n_heads: int = _f(4, "attention heads (must divide d)", lo=1)
+    k: int = _f(2, "ITA: merged tokens per bag (2 maps to the tumor and TME subspaces)", lo=1)
+    knn: int = _f(5, "ITA: neighbours for the DPC-kNN density", lo=1)
+    combine: str = _f("max_confidence", "how the magnifications' predictions are combined", choices=COMBINE_RULES)
+
+    def __post_init__(self) -> None:
+        _check(self, "model")
+        if self.d % self.n_heads:
+            raise ModelConfigError(f"[model] n_heads = {self.n_heads}: must divide d = {self.d}")
+
+
+@dataclass(frozen=True)
+class TeacherSettings:
+    epochs: int = _f(30, "stage I epochs (maximum; early stopping may end sooner)", lo=1)
+    lr: float = _f(2e-4, "AdamW learning rate", lo=0, lo_open=True)
+    weight_decay: float = _f(1e-5, "AdamW weight decay", lo=0)
+    cgc: bool = _f(True, "confidence-guided gradient coordination on the fusion head")
+    dev_weight: float = _f(1.0, "weight of the DEV inter-magnification loss (0 = off)", lo=0)
+    patience: int = _f(10, "epochs without validation improvement before stopping (0 = never stop early)", lo=0)
+
+    def __post_init__(self) -> None:
+        _check(self, "teacher")
+
+
+@dataclass(frozen=True)
+class StudentSettings:
+    epochs: int = _f(30, "stage II epochs (maximum; early stopping may end sooner)", lo=1)
+    lr: float = _f(2e-4, "AdamW learning rate", lo=0, lo_open=True)
+    weight_decay: float = _f(1e-5, "AdamW weight decay", lo=0)
+    lambda_kd: float = _f(0.01, "weight of the logit distillation (KL at temperature T)", lo=0)
+    lambda_f: float = _f(0.01, "weight of the per-subspace feature distillation", lo=0)
+    temperature: float = _f(2.0, "distillation temperature T", lo=0, lo_open=True)
+    patience: int = _f(10, "epochs without validation improvement before stopping (0 = never stop early)", lo=0)
+
+    def __post_init__(self) -> None:
+        _check(self, "student")
+
+
+@dataclass(frozen=True)
+class CVSettings:
+    folds: int = _f(3, "patient-level cross-validation folds", lo=2)
+    val_fraction: float = _f(0.2, "share of each training fold held out for model selection", lo=0, hi=1,
+                             lo_open=True, hi_open=True)
+    seed: int = _f(0, "seed of the split, initialisation and patch subsampling", lo=0)
+    select_on: str = _f("loss", "model selection on validation loss or the task metric (AUC / C-index)",
+                        choices=SELECT_ON)
+
+    def __post_init__(self) -> None:
+        _check(self, "cv")
+
+
+@dataclass(frozen=True)
+class BaselineSettings:
+    run: tuple[str, ...] = _f(BASELINES, "baselines trained on the same folds", choices=BASELINES)
+    epochs: int = _f(30, "baseline epochs (maximum)", lo=1)
+    lr: float = _f(2e-4, "AdamW learning rate", lo=0, lo_open=True)
+    patience: int = _f(10, "early-stopping patience (0 = never stop early)", lo=0)
+
+    def __post_init__(self) -> None:
+        _check(self, "baselines")
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataSettings,
+    "model": ModelSettings,
+    "teacher": TeacherSettings,
+    "student": StudentSettings,
+    "cv": CVSettings,
+    "baselines": BaselineSettings,
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of a training run; ``TrainConfig()`` is the documented default."""
+
+    data: DataSettings = field(default_factory=DataSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    teacher: TeacherSettings = field(default_factory=TeacherSettings)
+    student: StudentSettings = field(default_factory=StudentSettings)
+    cv: CVSettings = field(default_factory=CVSettings)
+    baselines: BaselineSettings = field(default_factory=BaselineSettings)
+
+
+# -- reading and writing ------------------------------------------------------------------
+
+
+def config_from_dict(data: dict[str, Any], *, source: str = "<config>") -> TrainConfig:
+    """Build a config from nested dicts; missing keys take defaults, unknown keys fail."""
+    if not isinstance(data, dict):
+        raise ModelConfigError(f"{source}: expected a table of sections")
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise ModelConfigError(
+            f"{source}: unknown section or key {unknown[0]!r} (allowed sections: {', '.join(SECTIONS)})"
+        )
+    sections = {}
+    for name, cls in SECTIONS.items():
+        values = data.get(name, {})
+        if not isinstance(values, dict):
+            raise ModelConfigError(f"{source}: {name!r} must be a [{name}] section, not a value")
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        bad = sorted(set(values) - set(allowed))
+        if bad:
+            raise ModelConfigError(
+                f"{source}: unknown key {bad[0]!r} in [{name}] (allowed: {', '.join(allowed)})"
+            )
+        sections[name] = cls(**values)
+    return TrainConfig(**sections)
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> TrainConfig:
+    """Read a TOML config (``None``: the defaults)."""
+    if path is None:
+        return TrainConfig()
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelConfigError(f"config file not found: {path}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ModelConfigError(f"{path}: not valid TOML ({error})") from None
+    return config_from_dict(data, source=str(path))
+
+
+def config_to_dict(cfg: TrainConfig) -> dict[str, dict[str, Any]]:
+    """Plain nested dicts (tuples as lists), ready for JSON or TOML."""
+    return {
+        name: {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(getattr(cfg, name)).items()}
+        for name in SECTIONS
+    }
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def config_to_toml(cfg: TrainConfig) -> str:
+    """The resolved config as TOML, each key preceded by its description."""
+    lines = ["# napari-dismm training configuration (resolved: every key, defaults included)"]
+    for name in SECTIONS:
+        section = getattr(cfg, name)
+        lines += ["", f"[{name}]"]
+        for f in dataclasses.fields(section):
+            lines.append(f"# {f.metadata['help']}")
+            lines.append(f"{f.name} = {_toml_value(getattr(section, f.name))}")
+    return "\n".join(lines) + "\n"
+
+
+def dump_config(cfg: TrainConfig, path: str | os.PathLike[str]) -> Path:
+    """Write the resolved TOML (``load_config`` reads it back to an equal config)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(config_to_toml(cfg))
+    return path
