@@ -1,0 +1,222 @@
+"""Training losses: task losses, the DEV consistency loss and the distillation loss.
+
+Survival is discrete time (Zadeh & Schmid 2020, as in MCAT/PORPOISE): with hazards
+h_k = sigmoid(logit_k) and S_k = prod_{j<=k}(1 - h_j), a patient who died in bin y adds
+-log S_{y-1} - log h_y, a patient censored in bin y adds -log S_y (survived through y).
+``alpha`` optionally up-weights the uncensored term: (1 - alpha) * L + alpha * L_uncensored
+(alpha = 0 gives the plain likelihood; the MIL-survival literature uses 0-0.4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from napari_dismm.errors import DataError
+from napari_dismm.model.grid import grid_index_20x_to_10x, pool_onto_10x
+from napari_dismm.model.heads import check_task
+from napari_dismm.model.outputs import SUBSPACES
+
+# --- task losses -------------------------------------------------------------------
+
+
+def class_weights_from_labels(labels: Sequence[int] | Tensor, n_classes: int) -> Tensor:
+    """Inverse-frequency class weights (mean 1 over the classes present), so rare classes
+    count as much as common ones. Absent classes get weight 0."""
+    counts = torch.bincount(torch.as_tensor(labels, dtype=torch.long), minlength=n_classes).double()
+    if counts.numel() > n_classes:
+        raise DataError(f"labels outside [0, {n_classes}) in class_weights_from_labels")
+    present = counts > 0
+    weights = torch.where(present, counts.sum() / (present.sum() * counts.clamp(min=1)), 0.0)
+    return weights.float()
+
+
+def classification_loss(logits: Tensor, target: Tensor, *, class_weights: Tensor | None = None) -> Tensor:
+    """Class-weighted cross-entropy (weighted mean over the batch)."""
+    weight = None if class_weights is None else class_weights.to(logits)
+    return F.cross_entropy(logits, target.long(), weight=weight)
+
+
+def survival_nll(logits: Tensor, bins: Tensor, events: Tensor, *, alpha: float = 0.0) -> Tensor:
+    """Discrete-time survival NLL (mean over the batch); see the module docstring."""
+    bins = bins.long().view(-1, 1)
+    events = events.to(logits.dtype).view(-1)
+    log_h = F.logsigmoid(logits)  # log h_k
+    log_1mh = F.logsigmoid(-logits)  # log (1 - h_k)
+    log_s = torch.cumsum(log_1mh, dim=-1)  # log S_k
+    log_s_pad = F.pad(log_s, (1, 0))  # log S_{k-1}, with S_{-1} = 1
+    before = log_s_pad.gather(1, bins).view(-1)  # log S_{y-1}
+    at = log_h.gather(1, bins).view(-1)  # log h_y
+    through = log_s.gather(1, bins).view(-1)  # log S_y
+    uncensored = -events * (before + at)
+    censored = -(1.0 - events) * through
+    return ((1.0 - alpha) * (uncensored + censored) + alpha * uncensored).mean()
+
+
+def task_loss(
+    logits: Tensor,
+    target: Tensor,
+    *,
+    task: str,
+    events: Tensor | None = None,
+    class_weights: Tensor | None = None,
+    alpha: float = 0.0,
+) -> Tensor:
+    """Dispatch on the task: ``target`` is the class, or the time bin (with ``events``)."""
+    if check_task(task) == "classification":
+        return classification_loss(logits, target, class_weights=class_weights)
+    if events is None:
+        raise DataError("survival loss needs events (1 = event observed, 0 = censored)")
+    return survival_nll(logits, target, events, alpha=alpha)
+
+
+def survival_bins_from_times(times: Sequence[float], events: Sequence[int], n_bins: int = 4) -> np.ndarray:
+    """Bin edges (n_bins + 1,): quantiles of the *uncensored* times of the training fold,
+    outer edges 0 and inf. Fit on the training fold only and store with the model."""
+    times_a, events_a = np.asarray(times, dtype=float), np.asarray(events)
+    if times_a.shape != events_a.shape or times_a.ndim != 1:
+        raise DataError("times and events must be 1-D of the same length")
+    observed = times_a[events_a.astype(bool)]
+    if observed.size == 0:
+        raise DataError("no uncensored time to place survival bin edges")
+    if n_bins < 1:
+        raise DataError(f"n_bins must be >= 1, got {n_bins}")
+    inner = np.quantile(observed, np.linspace(0, 1, n_bins + 1)[1:-1])
+    return np.concatenate([[0.0], inner, [np.inf]])
+
+
+def time_to_bin(times: Sequence[float] | np.ndarray, edges: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Bin index k with edges[k] <= t < edges[k+1] (int64, in [0, n_bins))."""
+    times_a, edges_a = np.asarray(times, dtype=float), np.asarray(edges, dtype=float)
+    if np.any(times_a < 0) or np.any(~np.isfinite(times_a)):
+        raise DataError("survival times must be finite and >= 0")
+    n_bins = len(edges_a) - 1
+    return np.clip(np.searchsorted(edges_a, times_a, side="right") - 1, 0, n_bins - 1).astype(np.int64)
+
+
+# --- DEV: inter-magnification consistency -----------------------------------------
+
+
+def dev_term(a10: Tensor, pooled20: Tensor, *, scale: float = 1e4) -> Tensor:
+    """One subspace: S = A10 A20^T (B, B) on the common padded grid, rows normalised to unit
+    L2 norm, scale * unbiased Var(diag S). Zero when B < 2 (a variance needs two samples)."""
+    if a10.shape[0] < 2:
+        return a10.sum() * 0.0
+    sim = a10 @ pooled20.T
+    sim = sim / sim.norm(dim=1, keepdim=True).clamp(min=torch.finfo(sim.dtype).tiny)
+    return scale * torch.diagonal(sim).var(unbiased=True)
+
+
+def dev_loss(
+    att10: dict[str, Tensor],
+    att20: dict[str, Tensor],
+    coords10: Tensor,
+    coords20: Tensor,
+    masks10: Tensor | None,
+    masks20: Tensor | None,
+    *,
+    patch_size_10x_level0: float,
+    scale: float = 1e4,
+    index: Tensor | None = None,
+) -> Tensor:
+    """L_DEV = L_T + L_E over the batch (see ``dev_term``).
+
+    ``att10[u]`` (B, N10) and ``att20[u]`` (B, N20) are the per-patch attentions of subspace
+    u; each 20x weight is added to the 10x patch containing its centre, so sample i's two
+    vectors live in its own N10_i space; samples are zero-padded to the batch's N10 so the
+    off-diagonal S_ij (needed by the row normalisation) is defined. ``index`` may pass a
+    precomputed ``grid_index_20x_to_10x`` (it depends only on the coordinates)."""
+    if index is None:
+        index = grid_index_20x_to_10x(
+            coords10, coords20, masks10, masks20, patch_size_10x_level0=patch_size_10x_level0
+        )
+    total = None
+    for u in SUBSPACES:
+        a10 = att10[u] if masks10 is None else att10[u] * masks10.to(att10[u].dtype)
+        pooled = pool_onto_10x(att20[u], index, a10.shape[1])
+        term = dev_term(a10, pooled, scale=scale)
+        total = term if total is None else total + term
+    return total
+
+
+def dev_loss_from_output(
+    output,
+    coords: dict[str, Tensor],
+    masks: dict[str, Tensor] | None,
+    *,
+    patch_size_10x_level0: float,
+    scale: float = 1e4,
+    index: Tensor | None = None,
+) -> Tensor:
+    """``dev_loss`` on a teacher ModelOutput (needs both "10x" and "20x")."""
+    missing = [m for m in ("10x", "20x") if m not in output.attention or m not in coords]
+    if missing:
+        raise DataError(f"DEV needs attention and coords at 10x and 20x; missing {missing}")
+    masks = masks or {}
+    return dev_loss(
+        output.attention["10x"],
+        output.attention["20x"],
+        coords["10x"],
+        coords["20x"],
+        masks.get("10x"),
+        masks.get("20x"),
+        patch_size_10x_level0=patch_size_10x_level0,
+        scale=scale,
+        index=index,
+    )
+
+
+# --- distillation --------------------------------------------------------------------
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, *, task: str, temperature: float = 2.0) -> Tensor:
+    """T^2 * KL(teacher || student) at temperature T (batch mean).
+
+    Classification: softmax over classes. Survival: each bin's hazard is a Bernoulli
+    (sigmoid(logit / T)); the KL is summed over bins, since hazards are what the survival
+    head means (a softmax over bins would ignore their absolute level)."""
+    t = teacher_logits.detach() / temperature
+    s = student_logits / temperature
+    if check_task(task) == "classification":
+        kl = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean")
+    else:
+        p_t = torch.sigmoid(t)
+        kl = (
+            p_t * (F.logsigmoid(t) - F.logsigmoid(s)) + (1 - p_t) * (F.logsigmoid(-t) - F.logsigmoid(-s))
+        ).sum(-1).mean()
+    return temperature**2 * kl
+
+
+def feature_loss(student: dict[str, Tensor], teacher: dict[str, Tensor]) -> Tensor:
+    """Per-subspace MSE between layer-normalised (no affine) student and teacher features,
+    summed over tumor and TME, so each subspace is matched to its own teacher feature."""
+    total = None
+    for u in SUBSPACES:
+        s, t = student[u], teacher[u].detach()
+        term = F.mse_loss(F.layer_norm(s, s.shape[-1:]), F.layer_norm(t, t.shape[-1:]))
+        total = term if total is None else total + term
+    return total
+
+
+def distillation_loss(
+    *,
+    task_term: Tensor,
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    student_features: dict[str, Tensor],
+    teacher_features: dict[str, Tensor],
+    task: str,
+    temperature: float = 2.0,
+    lambda_kd: float = 0.01,
+    lambda_f: float = 0.01,
+) -> dict[str, Tensor]:
+    """Stage-II loss for one magnification: task + lambda_kd * KD + lambda_f * features.
+    Returns the parts and their ``total`` so the trainer can log each one."""
+    kd = kd_loss(student_logits, teacher_logits, task=task, temperature=temperature)
+    feat = feature_loss(student_features, teacher_features)
+    total = task_term + lambda_kd * kd + lambda_f * feat
+    return {"total": total, "task": task_term, "kd": kd, "feature": feat}

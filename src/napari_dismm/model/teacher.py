@@ -1,0 +1,112 @@
+"""The DisMM teacher (stage I): WSI patches + tumor/TME gene vectors -> prediction.
+
+Per magnification: patch embedding, then DMF (one gene-queried cross-attention per
+subspace) gives the tumor and TME slide features and their per-patch attention; the
+SubspaceFusionHead turns the pair into logits. The gene encoders (SNNs) are shared by the
+magnifications; the magnifications' logits are combined (max confidence by default).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from napari_dismm.errors import ModelConfigError
+from napari_dismm.model.config import validate_common
+from napari_dismm.model.dmf import SubspaceCrossAttention
+from napari_dismm.model.heads import SubspaceFusionHead, combine_magnifications
+from napari_dismm.model.inputs import check_bags, check_genes, mask_for
+from napari_dismm.model.layers import SNN, PatchEmbedding
+from napari_dismm.model.outputs import SUBSPACES, ModelOutput
+
+
+@dataclass
+class TeacherConfig:
+    """Architecture and the training switches that belong to the teacher.
+
+    ``n_outputs`` is the number of classes (classification) or time bins (survival).
+    ``cgc``, ``dev_weight``, ``dev_scale`` and ``patch_size_10x_level0`` are read by the
+    training loop (CGC toggle for ablations; DEV loss weight, scale and the 10x patch size
+    in level-0 pixels for pooling onto the 10x grid)."""
+
+    kind: str = "teacher"
+    task: str = "classification"
+    n_outputs: int = 4
+    d_in: int = 1024
+    d: int = 128
+    magnifications: tuple[str, ...] = ("10x", "20x")
+    n_tumor_genes: int = 59
+    n_tme_genes: int = 361
+    dropout: float = 0.25
+    n_heads: int = 4
+    combine: str = "max_confidence"
+    cgc: bool = True
+    dev_weight: float = 1.0
+    dev_scale: float = 1e4
+    patch_size_10x_level0: float = 448.0
+
+    def __post_init__(self) -> None:
+        validate_common(self)
+        if self.n_heads < 1 or self.d % self.n_heads:
+            raise ModelConfigError(f"d={self.d} must be divisible by n_heads={self.n_heads}")
+        if self.patch_size_10x_level0 <= 0:
+            raise ModelConfigError(f"patch_size_10x_level0 must be > 0, got {self.patch_size_10x_level0}")
+
+
+class Teacher(nn.Module):
+    """Multi-modal teacher; ``forward`` follows the shared model-input convention."""
+
+    def __init__(self, config: TeacherConfig) -> None:
+        super().__init__()
+        validate_common(config)
+        self.config = config
+        d = config.d
+        self.gene_encoders = nn.ModuleDict(
+            {
+                "tumor": SNN(config.n_tumor_genes, d, dropout=config.dropout),
+                "tme": SNN(config.n_tme_genes, d, dropout=config.dropout),
+            }
+        )
+        self.embed = nn.ModuleDict(
+            {m: PatchEmbedding(config.d_in, d, dropout=config.dropout) for m in config.magnifications}
+        )
+        self.dmf = nn.ModuleDict(
+            {
+                m: nn.ModuleDict(
+                    {u: SubspaceCrossAttention(d=d, n_heads=config.n_heads, dropout=config.dropout) for u in SUBSPACES}
+                )
+                for m in config.magnifications
+            }
+        )
+        self.fusion_heads = nn.ModuleDict(
+            {m: SubspaceFusionHead(task=config.task, d=d, n_outputs=config.n_outputs) for m in config.magnifications}
+        )
+
+    def forward(
+        self,
+        bags: dict[str, Tensor],
+        *,
+        coords: dict[str, Tensor] | None = None,
+        masks: dict[str, Tensor] | None = None,
+        genes: dict[str, Tensor] | None = None,
+    ) -> ModelOutput:
+        """``coords`` are not used by the teacher itself (DEV pooling reads them in the loss)."""
+        cfg = self.config
+        present = check_bags(bags, masks, magnifications=cfg.magnifications, d_in=cfg.d_in)
+        batch = bags[present[0]].shape[0]
+        genes = check_genes(genes, widths={"tumor": cfg.n_tumor_genes, "tme": cfg.n_tme_genes}, batch=batch)
+        queries = {u: self.gene_encoders[u](genes[u]) for u in SUBSPACES}
+        logits, attention, features = {}, {}, {}
+        for mag in present:
+            tokens = self.embed[mag](bags[mag])
+            mask = mask_for(masks, mag)
+            attention[mag], features[mag] = {}, {}
+            for u in SUBSPACES:
+                features[mag][u], attention[mag][u] = self.dmf[mag][u](queries[u], tokens, mask)
+            logits[mag] = self.fusion_heads[mag](features[mag]["tumor"], features[mag]["tme"])
+        combined = combine_magnifications(logits, task=cfg.task, how=cfg.combine)
+        output = ModelOutput(
+            logits=combined, per_magnification_logits=logits, attention=attention, features=features
+        )
+        return output.fill_derived(self.fusion_heads[present[0]].describe(combined))

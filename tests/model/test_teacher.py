@@ -1,0 +1,157 @@
+"""Teacher and baselines: shapes, padding/masking, order invariance, memorisation."""
+
+import pytest
+import torch
+
+from napari_dismm.errors import DataError
+from napari_dismm.model.baselines import ABMIL, ABMILConfig, LateFusion, LateFusionConfig
+from napari_dismm.model.losses import task_loss
+from napari_dismm.model.teacher import Teacher, TeacherConfig
+from tests.model.model_helpers import make_batch, single_thread  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+D_IN, N_T, N_E = 12, 5, 7
+
+
+def build(kind: str, task: str = "classification", dropout: float = 0.0, **kw):
+    common = dict(task=task, n_outputs=3 if task == "classification" else 4, d_in=D_IN, d=16, dropout=dropout, **kw)
+    if kind == "teacher":
+        return Teacher(TeacherConfig(n_tumor_genes=N_T, n_tme_genes=N_E, n_heads=4, **common))
+    if kind == "abmil":
+        return ABMIL(ABMILConfig(**common))
+    return LateFusion(LateFusionConfig(n_tumor_genes=N_T, n_tme_genes=N_E, **common))
+
+
+KINDS = ["teacher", "abmil", "late_fusion"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("task", ["classification", "survival"])
+def test_padded_batch_equals_one_by_one(kind, task):
+    torch.manual_seed(0)
+    model = build(kind, task, dropout=0.25).eval()
+    batch = make_batch([5, 9, 1], [13, 2, 30], d_in=D_IN, n_tumor=N_T, n_tme=N_E)
+    with torch.no_grad():
+        out = model(batch["bags"], masks=batch["masks"], genes=batch["genes"])
+        for i in range(3):
+            single = model(
+                {m: batch["raw"][m][i][None] for m in ("10x", "20x")},
+                genes={u: g[i : i + 1] for u, g in batch["genes"].items()},
+            )
+            torch.testing.assert_close(out.logits[i], single.logits[0], atol=1e-5, rtol=0)
+            for mag in ("10x", "20x"):
+                n = batch["raw"][mag][i].shape[0]
+                for name, att in out.attention[mag].items():
+                    torch.testing.assert_close(att[i, :n], single.attention[mag][name][0], atol=1e-5, rtol=0)
+                    assert torch.all(att[i, n:] == 0)
+                    torch.testing.assert_close(att[i].sum(), torch.tensor(1.0), atol=1e-5, rtol=0)
+    if task == "classification":
+        assert out.probabilities.shape == (3, 3) and out.risk is None
+    else:
+        assert out.hazards.shape == out.survival.shape == (3, 4) and out.risk.shape == (3,)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_patch_order_does_not_matter(kind):
+    torch.manual_seed(1)
+    model = build(kind).eval()
+    batch = make_batch([20], [40], d_in=D_IN, n_tumor=N_T, n_tme=N_E)
+    perm = {"10x": torch.randperm(20), "20x": torch.randperm(40)}
+    with torch.no_grad():
+        a = model(batch["bags"], genes=batch["genes"])
+        b = model({m: x[:, perm[m]] for m, x in batch["bags"].items()}, genes=batch["genes"])
+    torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=0)
+    for mag in perm:
+        for name in a.attention[mag]:
+            torch.testing.assert_close(a.attention[mag][name][:, perm[mag]], b.attention[mag][name], atol=1e-6, rtol=0)
+
+
+def test_teacher_output_layout_and_one_magnification():
+    model = build("teacher").eval()
+    batch = make_batch([4, 6], [8, 3], d_in=D_IN, n_tumor=N_T, n_tme=N_E)
+    out = model(batch["bags"], masks=batch["masks"], genes=batch["genes"])
+    assert set(out.attention) == {"10x", "20x"} and set(out.attention["10x"]) == {"tumor", "tme"}
+    assert out.features["20x"]["tme"].shape == (2, 16)
+    assert out.per_magnification_logits["10x"].shape == (2, 3)
+    only = model({"20x": batch["bags"]["20x"]}, masks=batch["masks"], genes=batch["genes"])
+    torch.testing.assert_close(only.logits, out.per_magnification_logits["20x"])
+
+
+def test_teacher_input_errors_are_clear():
+    model = build("teacher")
+    batch = make_batch([4], [8], d_in=D_IN, n_tumor=N_T, n_tme=N_E)
+    with pytest.raises(DataError, match="gene expression"):
+        model(batch["bags"])
+    with pytest.raises(DataError, match="unknown magnification"):
+        model({"40x": batch["bags"]["10x"]}, genes=batch["genes"])
+    with pytest.raises(DataError, match=r"\(B, N, 12\)"):
+        model({"10x": torch.randn(1, 4, 3)}, genes=batch["genes"])
+    with pytest.raises(DataError, match="tme"):
+        model(batch["bags"], genes={"tumor": batch["genes"]["tumor"], "tme": torch.randn(1, 2)})
+
+
+def test_abmil_attention_is_one_map():
+    model = build("abmil").eval()
+    batch = make_batch([4, 6], [8, 3], d_in=D_IN, n_tumor=N_T, n_tme=N_E)
+    out = model(batch["bags"], masks=batch["masks"])
+    assert set(out.attention["10x"]) == {"abmil"}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("task", ["classification", "survival"])
+def test_memorises_a_tiny_set(kind, task):
+    """Gradient check: 8 bags, 200 Adam steps, the training loss goes to ~0."""
+    torch.manual_seed(2)
+    model = build(kind, task).train()
+    batch = make_batch([10, 14, 8, 20, 12, 9, 16, 11], [25, 30, 18, 40, 22, 19, 35, 28], d_in=D_IN, n_tumor=N_T, n_tme=N_E, seed=3)
+    target = torch.arange(8) % (3 if task == "classification" else 4)
+    events = torch.tensor([1, 0, 1, 1, 0, 1, 0, 1])
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(200):
+        out = model(batch["bags"], masks=batch["masks"], genes=batch["genes"])
+        if float(task_loss(out.logits, target, task=task, events=events)) < 0.01:
+            break
+        # train every magnification's logits (as the trainer does) plus the combined ones
+        loss = sum(task_loss(l, target, task=task, events=events) for l in out.per_magnification_logits.values())
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    with torch.no_grad():
+        final = task_loss(model(batch["bags"], masks=batch["masks"], genes=batch["genes"]).logits, target, task=task, events=events)
+    assert final < 0.05, float(final)
+
+
+def test_teacher_dev_loss_end_to_end():
+    """DEV on a real teacher output: coordinates from one shuffled lattice per slide,
+    20x patches are the quarters of the 10x ones; gradients reach both magnifications."""
+    from napari_dismm.model.losses import dev_loss_from_output
+    from tests.model.model_helpers import grid_coords, pad_bags
+
+    torch.manual_seed(4)
+    model = build("teacher")
+    quarters = torch.tensor([[0, 0], [224, 0], [0, 224], [224, 224]], dtype=torch.float64)
+    c10 = [grid_coords(n, 448, seed=n) for n in (6, 9, 4)]
+    c20 = [(c[:, None] + quarters[None]).reshape(-1, 2) for c in c10]
+    coords = {"10x": pad_bags(c10)[0], "20x": pad_bags(c20)[0]}
+    batch = make_batch([6, 9, 4], [24, 36, 16], d_in=D_IN, n_tumor=N_T, n_tme=N_E)
+    out = model(batch["bags"], coords=coords, masks=batch["masks"], genes=batch["genes"])
+    loss = dev_loss_from_output(out, coords, batch["masks"], patch_size_10x_level0=448)
+    assert loss > 0
+    loss.backward()
+    for mag in ("10x", "20x"):
+        assert model.dmf[mag]["tumor"].to_kv.weight.grad.abs().sum() > 0
+    with pytest.raises(DataError, match="20x"):
+        dev_loss_from_output(out, {"10x": coords["10x"]}, batch["masks"], patch_size_10x_level0=448)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_empty_and_fully_masked_bags_stay_finite(kind):
+    model = build(kind).eval()
+    genes = {"tumor": torch.randn(2, N_T), "tme": torch.randn(2, N_E)}
+    masks = {"20x": torch.tensor([[True, True, False], [False, False, False]])}
+    with torch.no_grad():
+        out = model({"10x": torch.randn(2, 0, D_IN), "20x": torch.randn(2, 3, D_IN)}, masks=masks, genes=genes)
+    assert torch.isfinite(out.logits).all()
+    for att in out.attention["20x"].values():
+        assert torch.equal(att[1], torch.zeros(3)) and att[0, 2] == 0
