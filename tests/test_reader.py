@@ -48,3 +48,11 @@ def test_reader_declines_non_slides(tmp_path: Path, name: str):
 def test_reader_declines_missing_and_empty_directory(tmp_path: Path):
     assert napari_get_reader(str(tmp_path / "missing.svs")) is None
     assert napari_get_reader(str(tmp_path)) is None
+
+
+def test_npe2_validate_passes():
+    import subprocess
+
+    result = subprocess.run(["npe2", "validate", "napari-dismm"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "valid" in result.stdout.lower()
