@@ -1,0 +1,336 @@
+"""Informative token aggregation (ITA): merge a bag's patch tokens into K tokens.
+
+Each token gets a weight w = exp(score) from a Linear scorer. K cluster centres are
+chosen by DPC-kNN (density peaks with a k-nearest-neighbour density): density
+rho_i = exp(-mean squared distance to its k nearest neighbours), delta_i = distance to
+the nearest denser token (the densest gets the largest distance), centre score =
+rho * delta, top K. Every token joins its nearest centre and each merged token is the
+w-weighted mean of its cluster.
+
+The reference builds the full N x N distance matrix (160 GB at 200k tokens). Here:
+
+1. **Density** is the kNN density against an anchor subset of M tokens, streamed in
+   chunks (O(N M) time, O(chunk M) memory). When N <= M every token is an anchor and
+   the density is exact. Otherwise the k nearest of a random M-subset stand for roughly
+   the k N / M nearest of all tokens: the same density, seen at a coarser bandwidth. A
+   token's distance to itself is left out, so anchors are not favoured over the rest.
+2. **Delta** is computed inside the C densest tokens (the candidates). Everything denser
+   than a candidate is itself a candidate, so delta is exact for them; centres are
+   picked among the candidates (with N <= C this is exactly DPC-kNN). Low-density
+   outliers far from everything cannot become centres when N > C, by design.
+3. **Assignment** to the nearest of the K centres, chunked.
+
+Everything is decided in a canonical order that depends only on the tokens themselves
+(``permutation_keys``: a hash of the coordinates and of the raw feature bits), and ties
+are broken by that order, so permuting the patches permutes the assignments and
+changes nothing else. Cluster ids are ordered by centre score (0 = best). Selection is
+discrete and runs under no_grad; gradients flow through w and the tokens into the
+merged tokens. Distances are scaled by 1/sqrt(d) so the density does not vanish in
+high dimension.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from napari_dismm.model.outputs import ITAResult
+
+__all__ = [
+    "BagAggregation",
+    "InformativeTokenAggregation",
+    "assign_to_centres",
+    "default_prototypes",
+    "dpc_knn_centres",
+    "map_to_subspaces",
+    "merge_tokens",
+    "permutation_keys",
+    "subspace_pool",
+]
+
+_MASK_31 = (1 << 31) - 1
+_C1 = 0x9E3779B97F4A7C15 - (1 << 64)  # splitmix64 constants as signed int64
+_C2 = 0xBF58476D1CE4E5B9 - (1 << 64)
+_C3 = 0x94D049BB133111EB - (1 << 64)
+
+
+def _mix64(z: Tensor) -> Tensor:
+    """A splitmix64-style integer finaliser on int64 (wrapping arithmetic); the shifted
+    value is masked so the result does not depend on arithmetic vs logical shifts."""
+    z = (z + _C1) * _C2
+    z = z ^ ((z >> 31) & ((1 << 33) - 1))
+    z = z * _C3
+    return z ^ ((z >> 29) & ((1 << 35) - 1))
+
+
+def permutation_keys(*, features: Tensor, coords: Tensor | None = None, n_columns: int = 16) -> Tensor:
+    """(n,) int64 keys that depend on each token's own content only, never on its index.
+
+    Hashes the exact bits of the first ``n_columns`` feature values and, if given, the
+    rounded coordinates. Sorting by key gives an order that is the same for any
+    permutation of the bag (identical tokens aside) and looks random over the slide, so
+    the first M tokens in key order are an unbiased, reproducible anchor sample."""
+    if features.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.int64, device=features.device)
+    cols = features[:, : min(n_columns, features.shape[-1])].to(torch.float32).contiguous()
+    parts = [cols.view(torch.int32).to(torch.int64) & ((1 << 32) - 1)]
+    if coords is not None:
+        parts.append(torch.round(coords.to(torch.float64)).to(torch.int64) & _MASK_31)
+    words = torch.cat(parts, dim=1)  # (n, w) non-negative 32-bit words
+    # one multiply-add pass with odd per-column multipliers, then one strong finaliser
+    multipliers = _mix64(torch.arange(1, words.shape[1] + 1, dtype=torch.int64, device=words.device)) | 1
+    return _mix64((words * multipliers).sum(dim=1))
+
+
+def _scaled_sq_dist(a: Tensor, b: Tensor) -> Tensor:
+    """Squared Euclidean distances / d between rows of a (n, d) and b (m, d), >= 0."""
+    d2 = (a * a).sum(-1, keepdim=True) - 2.0 * a @ b.T + (b * b).sum(-1)[None, :]
+    return d2.clamp_min_(0.0) / a.shape[-1]
+
+
+def _knn_log_density(x: Tensor, anchors: Tensor, *, knn: int, chunk_size: int) -> Tensor:
+    """log rho_i = -mean of the knn smallest scaled squared distances to other anchors.
+
+    One GEMM per chunk gives |b|^2 - 2 a.b directly (the anchors carry an extra column
+    |b|^2 matched by a column of ones), and |a|^2, constant along a row, is added to the
+    knn winners only: the ranking does not need it."""
+    n, m = x.shape[0], anchors.shape[0]
+    anchor_pos = torch.full((n,), -1, dtype=torch.long, device=x.device)
+    anchor_pos[anchors] = torch.arange(m, device=x.device)
+    ref = x[anchors]
+    ref_aug = torch.cat([-2.0 * ref, (ref * ref).sum(-1, keepdim=True)], dim=1).T.contiguous()  # (d+1, m)
+    k_eff = max(1, min(knn, m - 1))
+    log_rho = x.new_empty(n)
+    ones = x.new_ones(min(n, chunk_size), 1)
+    for start in range(0, n, chunk_size):
+        part = x[start : start + chunk_size]
+        partial = torch.cat([part, ones[: part.shape[0]]], dim=1) @ ref_aug
+        own = anchor_pos[start : start + chunk_size]
+        is_anchor = (own >= 0).nonzero().squeeze(1)
+        if m > 1:  # leave out the distance of an anchor to itself
+            partial[is_anchor, own[is_anchor]] = torch.inf
+        nearest = partial.topk(k_eff, dim=1, largest=False, sorted=False).values
+        d2 = (nearest + (part * part).sum(-1, keepdim=True)).clamp_min_(0.0)
+        log_rho[start : start + chunk_size] = -d2.mean(dim=1) / x.shape[-1]
+    return log_rho
+
+
+def _is_sorted(keys: Tensor) -> bool:
+    return keys.shape[0] < 2 or bool((keys[1:] >= keys[:-1]).all())
+
+
+def _key_order(keys: Tensor) -> Tensor:
+    """Stable argsort of the keys; free when they are already sorted (the student's case)."""
+    if _is_sorted(keys):
+        return torch.arange(keys.shape[0], device=keys.device)
+    return torch.sort(keys, stable=True).indices
+
+
+@torch.no_grad()
+def dpc_knn_centres(
+    x: Tensor,
+    *,
+    k: int,
+    knn: int = 5,
+    n_anchors: int = 1024,
+    n_candidates: int = 1024,
+    keys: Tensor | None = None,
+    chunk_size: int = 8192,
+) -> Tensor:
+    """Indices (min(k, n),) of the DPC-kNN centres of x (n, d), best centre first.
+
+    Ties in density go to the smaller key, ties in centre score to the denser token; so
+    the result (as a set of tokens, and its order) does not depend on the row order."""
+    x = x.detach().to(torch.float32)
+    n = x.shape[0]
+    if n == 0:
+        return torch.zeros(0, dtype=torch.long, device=x.device)
+    if keys is None:
+        keys = permutation_keys(features=x)
+    canonical = _key_order(keys)
+    anchors = canonical[: min(n, n_anchors)]
+    log_rho = _knn_log_density(x, anchors, knn=knn, chunk_size=chunk_size)
+    # density order: rho descending, then canonical (key) order
+    by_density = canonical[torch.sort(log_rho[canonical], descending=True, stable=True).indices]
+    cand = by_density[: min(n, n_candidates)]
+    c = cand.shape[0]
+    dist = _scaled_sq_dist(x[cand], x[cand]).sqrt_()
+    denser = torch.ones(c, c, dtype=torch.bool, device=x.device).tril_(-1)  # j < i is denser
+    delta = dist.masked_fill(~denser, torch.inf).amin(dim=1)
+    delta[0] = dist.amax() if c > 1 else 1.0
+    score = log_rho[cand] + torch.log(delta.clamp_min(torch.finfo(x.dtype).tiny))
+    best = torch.sort(score, descending=True, stable=True).indices[: min(k, c)]
+    return cand[best]
+
+
+@torch.no_grad()
+def assign_to_centres(x: Tensor, centres: Tensor, *, chunk_size: int = 65536) -> Tensor:
+    """(n,) cluster id of each token = position of its nearest centre (first on ties);
+    a centre always belongs to its own cluster."""
+    x = x.detach().to(torch.float32)
+    if centres.numel() == 0:
+        return torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
+    ref = x[centres]
+    parts = [_scaled_sq_dist(part, ref).argmin(dim=1) for part in x.split(chunk_size, dim=0)]
+    cluster = torch.cat(parts)
+    cluster[centres] = torch.arange(centres.shape[0], device=x.device)
+    return cluster
+
+
+def merge_tokens(x: Tensor, weight: Tensor, cluster: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Merged tokens (k, d) = w-weighted cluster means, and cluster totals W (k,).
+
+    Differentiable in x and weight; an empty cluster gives a zero token and W = 0."""
+    total = weight.new_zeros(k).index_add(0, cluster, weight)
+    summed = x.new_zeros(k, x.shape[-1]).index_add(0, cluster, x * weight[:, None])
+    return summed / total.clamp_min(torch.finfo(total.dtype).tiny)[:, None], total
+
+
+def default_prototypes(d: int) -> Tensor:
+    """(2, d) fixed prototypes used before distillation sets real ones: a seeded random
+    unit vector for tumor and its negation for TME (no learning, reproducible)."""
+    gen = torch.Generator().manual_seed(20240601)
+    tumor = torch.randn(d, generator=gen)
+    tumor = tumor / tumor.norm()
+    return torch.stack([tumor, -tumor])
+
+
+@torch.no_grad()
+def map_to_subspaces(merged: Tensor, prototypes: Tensor) -> Tensor:
+    """(k,) subspace of each merged token: 0 = tumor, 1 = TME.
+
+    c = cos(token, tumor) - cos(token, TME). The token with the largest c is tumor and
+    (for k >= 2) a different token with the smallest c is TME, so both subspaces are
+    always filled; the rest follow the sign of c. With k = 2 this is the one-to-one
+    rule. Ties go to the lower cluster id."""
+    merged = merged.detach().to(torch.float32)
+    protos = prototypes.detach().to(torch.float32)
+    cos = nn.functional.cosine_similarity(merged[:, None, :], protos[None, :, :], dim=-1)
+    c = cos[:, 0] - cos[:, 1]
+    subspace = (c < 0).to(torch.long)
+    if merged.shape[0] >= 2:
+        order = torch.sort(c, descending=True, stable=True).indices
+        subspace[order[0]] = 0
+        subspace[order[-1]] = 1
+    elif merged.shape[0] == 1:
+        subspace[0] = 0 if c[0] >= 0 else 1
+    return subspace
+
+
+def subspace_pool(
+    merged: Tensor, totals: Tensor, subspace: Tensor, weight: Tensor, cluster: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Subspace features (2, d) and per-patch attention (2, n).
+
+    f_u = sum over clusters mapped to u of W_k * merged_k / sum W_k, which equals
+    sum_i a_u(i) x_i with a_u(i) = w_i / sum_{j in clusters of u} w_j for patches whose
+    cluster maps to u (else 0): the attention map *is* the pooling that makes f_u. With
+    one cluster per subspace, f_u is that merged token. A subspace with no patch gets a
+    zero feature and an all-zero map."""
+    tiny = torch.finfo(totals.dtype).tiny
+    member = nn.functional.one_hot(subspace, 2).to(totals.dtype).T  # (2, k)
+    mass = member @ totals  # (2,)
+    features = (member * totals) @ merged / mass.clamp_min(tiny)[:, None]
+    if cluster.numel() == 0:
+        return features, weight.new_zeros(2, 0)
+    patch_space = subspace[cluster]  # (n,)
+    in_space = nn.functional.one_hot(patch_space, 2).to(weight.dtype).T  # (2, n)
+    attention = in_space * weight[None, :] / mass.clamp_min(tiny)[:, None]
+    return features, attention
+
+
+@dataclass
+class BagAggregation:
+    """ITA of one bag (no padding): n patches, K clusters."""
+
+    cluster: Tensor  # (n,) long
+    is_centre: Tensor  # (n,) bool
+    weight: Tensor  # (n,)
+    merged: Tensor  # (K, d)
+    totals: Tensor  # (K,) sum of w per cluster
+    subspace: Tensor  # (K,) long
+    features: Tensor  # (2, d): tumor, TME
+    attention: Tensor  # (2, n)
+
+
+class InformativeTokenAggregation(nn.Module):
+    """Scorer + DPC-kNN clustering + weighted merge + subspace mapping."""
+
+    def __init__(
+        self,
+        d: int,
+        *,
+        k: int = 2,
+        knn: int = 5,
+        n_anchors: int = 1024,
+        n_candidates: int = 1024,
+        score_clamp: float = 10.0,
+        chunk_size: int = 8192,
+    ) -> None:
+        super().__init__()
+        if k < 1 or knn < 1 or n_anchors < 2 or n_candidates < k:
+            raise ValueError(f"bad ITA sizes: k={k}, knn={knn}, n_anchors={n_anchors}, n_candidates={n_candidates}")
+        self.k, self.knn, self.n_anchors, self.n_candidates = k, knn, n_anchors, n_candidates
+        self.score_clamp, self.chunk_size = score_clamp, chunk_size
+        self.scorer = nn.Linear(d, 1)
+
+    def aggregate(self, x: Tensor, *, prototypes: Tensor, keys: Tensor | None = None) -> BagAggregation:
+        """One bag's tokens (n, d) -> BagAggregation (rows in the order given).
+
+        The work runs in key order (a no-op when ``keys`` are already sorted, as the
+        student passes them), so the floating-point sums do not depend on the row order
+        either and a permuted bag gives bit-identical merged tokens."""
+        n = x.shape[0]
+        if keys is None:
+            keys = permutation_keys(features=x.detach(), n_columns=x.shape[-1])
+        order = None
+        if not _is_sorted(keys):
+            order = torch.sort(keys, stable=True).indices
+            x, keys = x[order], keys[order]
+        score = self.scorer(x).squeeze(-1).clamp(-self.score_clamp, self.score_clamp)
+        weight = score.exp()
+        centres = dpc_knn_centres(
+            x, k=self.k, knn=self.knn, n_anchors=self.n_anchors, n_candidates=self.n_candidates,
+            keys=keys, chunk_size=self.chunk_size,
+        )
+        cluster = assign_to_centres(x, centres)
+        is_centre = torch.zeros(n, dtype=torch.bool, device=x.device)
+        is_centre[centres] = True
+        merged, totals = merge_tokens(x, weight, cluster.clamp_min(0), self.k)
+        subspace = map_to_subspaces(merged, prototypes)
+        features, attention = subspace_pool(merged, totals, subspace, weight, cluster.clamp_min(0))
+        if order is not None:  # back to the caller's row order
+            cluster = torch.empty_like(cluster).index_copy_(0, order, cluster)
+            is_centre = torch.empty_like(is_centre).index_copy_(0, order, is_centre)
+            weight = weight.new_empty(n).index_copy(0, order, weight)
+            attention = attention.new_empty(2, n).index_copy(1, order, attention)
+        return BagAggregation(cluster, is_centre, weight, merged, totals, subspace, features, attention)
+
+    def forward(
+        self, tokens: Tensor, *, prototypes: Tensor, mask: Tensor | None = None, keys: Tensor | None = None
+    ) -> tuple[ITAResult, Tensor, Tensor]:
+        """Padded batch (B, N, d) -> (ITAResult, features (B, 2, d), attention (B, 2, N)).
+
+        ``keys`` (B, N) int64 are optional permutation keys (default: hashed token bits)."""
+        bsz, n_max, d = tokens.shape
+        mask = torch.ones(bsz, n_max, dtype=torch.bool, device=tokens.device) if mask is None else mask.bool()
+        cluster = torch.full((bsz, n_max), -1, dtype=torch.long, device=tokens.device)
+        is_centre = torch.zeros(bsz, n_max, dtype=torch.bool, device=tokens.device)
+        weights, attn, merged, subspace, feats = [], [], [], [], []
+        for b in range(bsz):
+            keep = mask[b]
+            bag = self.aggregate(tokens[b][keep], prototypes=prototypes, keys=None if keys is None else keys[b][keep])
+            cluster[b, keep] = bag.cluster
+            is_centre[b, keep] = bag.is_centre
+            weights.append(tokens.new_zeros(n_max).masked_scatter(keep, bag.weight))
+            attn.append(tokens.new_zeros(2, n_max).masked_scatter(keep.expand(2, -1), bag.attention))
+            merged.append(bag.merged)
+            subspace.append(bag.subspace)
+            feats.append(bag.features)
+        result = ITAResult(
+            cluster=cluster, is_centre=is_centre, weight=torch.stack(weights),
+            merged=torch.stack(merged), subspace=torch.stack(subspace),
+        )
+        return result, torch.stack(feats), torch.stack(attn)

@@ -1,0 +1,214 @@
+"""The WSI-only DisMM student (stage II): patch features -> prediction, no genes.
+
+Per magnification: patch embedding -> linear-cost token mixing -> informative token
+aggregation (ITA, K merged tokens) -> each merged token mapped to the tumor or TME
+subspace by its nearest subspace prototype -> the subspace features f_T, f_E -> the
+SubspaceFusionHead. The magnifications' logits are combined (max confidence by default).
+
+Bags are processed one at a time on their valid patches, in a canonical order given by
+``permutation_keys`` (hash of coordinates and feature bits), and the results are put
+back at the patches' own positions: permuting a bag permutes every per-patch output and
+leaves the rest bit-identical, and nothing of size (B, N, N) or a padded copy of a 200k
+bag is ever built. The patch embedding is applied in chunks gathered straight from the
+caller's tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from napari_dismm.errors import DataError, ModelConfigError
+from napari_dismm.model.config import validate_common
+from napari_dismm.model.heads import SubspaceFusionHead, combine_magnifications
+from napari_dismm.model.inputs import check_bags, mask_for
+from napari_dismm.model.ita import BagAggregation, InformativeTokenAggregation, default_prototypes, permutation_keys
+from napari_dismm.model.layers import PatchEmbedding
+from napari_dismm.model.mixing import TokenMixer
+from napari_dismm.model.outputs import SUBSPACES, ITAResult, ModelOutput
+
+__all__ = ["Student", "StudentConfig"]
+
+
+@dataclass
+class StudentConfig:
+    """Architecture of the student. ``n_outputs``: classes or survival time bins.
+
+    ITA: ``k`` merged tokens (reference 2), ``knn`` neighbours for the density,
+    ``n_anchors`` tokens the density is measured against (exact when the bag is no
+    larger), ``n_candidates`` densest tokens among which centres are chosen (exact
+    DPC-kNN when the bag is no larger). Mixing: ``n_mixing_layers`` efficient-attention
+    blocks with ``n_heads`` heads; ``use_coords`` adds an MLP of the real coordinates.
+    ``chunk_size`` bounds the tokens processed at once (memory vs. speed)."""
+
+    kind: str = "student"
+    task: str = "classification"
+    n_outputs: int = 4
+    d_in: int = 1024
+    d: int = 128
+    magnifications: tuple[str, ...] = ("10x", "20x")
+    k: int = 2
+    knn: int = 5
+    n_anchors: int = 1024
+    n_candidates: int = 1024
+    n_heads: int = 4
+    n_mixing_layers: int = 1
+    ffn_mult: int = 2
+    use_coords: bool = True
+    dropout: float = 0.1
+    score_clamp: float = 10.0
+    chunk_size: int = 16384
+    combine: str = "max_confidence"
+
+    def __post_init__(self) -> None:
+        self.magnifications = tuple(self.magnifications)
+        validate_common(self)
+        if self.kind != "student":
+            raise ModelConfigError(f"StudentConfig.kind must be 'student', got {self.kind!r}")
+        checks = {
+            "k": self.k >= 1,
+            "knn": self.knn >= 1,
+            "n_anchors": self.n_anchors >= 2,
+            "n_candidates": self.n_candidates >= self.k,
+            "n_heads": self.n_heads >= 1 and self.d % self.n_heads == 0,
+            "n_mixing_layers": self.n_mixing_layers >= 0,
+            "ffn_mult": self.ffn_mult >= 1,
+            "score_clamp": self.score_clamp > 0,
+            "chunk_size": self.chunk_size >= 1,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ModelConfigError(
+                f"invalid StudentConfig value(s) for {', '.join(bad)} "
+                f"(need k, knn >= 1, n_anchors >= 2, n_candidates >= k, d divisible by n_heads)"
+            )
+
+
+class StudentBranch(nn.Module):
+    """One magnification's path from patch features to (tumor, TME) features."""
+
+    def __init__(self, config: StudentConfig) -> None:
+        super().__init__()
+        cfg = config
+        self.chunk_size = cfg.chunk_size
+        self.embed = PatchEmbedding(cfg.d_in, cfg.d, dropout=cfg.dropout)
+        self.mixer = TokenMixer(
+            cfg.d, n_layers=cfg.n_mixing_layers, n_heads=cfg.n_heads, ffn_mult=cfg.ffn_mult,
+            dropout=cfg.dropout, use_coords=cfg.use_coords, chunk_size=cfg.chunk_size,
+        )
+        self.ita = InformativeTokenAggregation(
+            cfg.d, k=cfg.k, knn=cfg.knn, n_anchors=cfg.n_anchors, n_candidates=cfg.n_candidates,
+            score_clamp=cfg.score_clamp, chunk_size=min(cfg.chunk_size, 8192),
+        )
+
+    def run_bag(
+        self, x: Tensor, *, valid: Tensor, coords: Tensor | None, prototypes: Tensor
+    ) -> tuple[Tensor, BagAggregation]:
+        """One bag: ``x`` (N, d_in) as given, ``valid`` (n,) its real rows.
+
+        Returns the rows in canonical order (``source`` (n,) positions into x) and the ITA
+        of those rows in that order."""
+        bag_coords = None if coords is None else coords.index_select(0, valid)
+        keys = permutation_keys(features=x[:, :16].index_select(0, valid), coords=bag_coords)
+        order = torch.sort(keys, stable=True).indices
+        source = valid[order]
+        tokens = [self.embed(x.index_select(0, part)) for part in source.split(self.chunk_size)]
+        tokens = torch.cat(tokens) if tokens else x.new_zeros(0, self.ita.scorer.in_features)
+        mixed = self.mixer.mix_bag(tokens, coords=None if bag_coords is None else bag_coords[order])
+        return source, self.ita.aggregate(mixed, prototypes=prototypes, keys=keys[order])
+
+
+class Student(nn.Module):
+    """WSI-only student; ``forward`` follows the shared model-input convention (``genes``
+    is accepted and ignored, so trainers can call teacher and student alike).
+
+    ``attention[mag][u]`` (what the viewer shows as the student's tumor / TME maps) is
+    a_u(i) = w_i / sum_{j in clusters mapped to u} w_j for a patch i whose cluster maps to
+    u, else 0. This is exactly how f_u is formed: f_u = sum_i a_u(i) t_i over the mixed
+    tokens t_i (= the merged token itself when K = 2). ``fusion_heads`` (one per
+    magnification) is what CGC acts on; the prototypes buffer travels with checkpoints."""
+
+    def __init__(self, config: StudentConfig) -> None:
+        super().__init__()
+        validate_common(config)
+        self.config = config
+        mags = config.magnifications
+        self.branches = nn.ModuleDict({m: StudentBranch(config) for m in mags})
+        self.fusion_heads = nn.ModuleDict(
+            {m: SubspaceFusionHead(task=config.task, d=config.d, n_outputs=config.n_outputs) for m in mags}
+        )
+        # (n_mags, 2, d): tumor and TME prototypes per magnification. Until distillation
+        # sets them they are fixed, learning-free defaults (see ita.default_prototypes).
+        self.register_buffer("prototypes", default_prototypes(config.d).expand(len(mags), 2, config.d).clone())
+        self.register_buffer("prototypes_set", torch.zeros(len(mags), dtype=torch.bool))
+
+    @torch.no_grad()
+    def set_subspace_prototypes(self, tumor: Tensor, tme: Tensor, *, magnification: str | None = None) -> None:
+        """Fix the cluster -> subspace mapping from the teacher (e.g. the running means of
+        its layer-normalised f_T and f_E), for one magnification or all of them."""
+        d = self.config.d
+        if tumor.shape != (d,) or tme.shape != (d,):
+            raise ModelConfigError(f"prototypes must be ({d},) each, got {tuple(tumor.shape)} and {tuple(tme.shape)}")
+        mags = self.config.magnifications
+        if magnification is not None and magnification not in mags:
+            raise ModelConfigError(f"unknown magnification {magnification!r}; model has {list(mags)}")
+        for i, mag in enumerate(mags):
+            if magnification in (None, mag):
+                self.prototypes[i, 0] = tumor.to(self.prototypes)
+                self.prototypes[i, 1] = tme.to(self.prototypes)
+                self.prototypes_set[i] = True
+
+    def forward(
+        self,
+        bags: dict[str, Tensor],
+        *,
+        coords: dict[str, Tensor] | None = None,
+        masks: dict[str, Tensor] | None = None,
+        genes: dict[str, Tensor] | None = None,
+    ) -> ModelOutput:
+        cfg = self.config
+        present = check_bags(bags, masks, magnifications=cfg.magnifications, d_in=cfg.d_in)
+        logits, attention, features, ita = {}, {}, {}, {}
+        for mag in present:
+            mag_coords = None if coords is None else coords.get(mag)
+            feats, attention[mag], ita[mag] = self._magnification(mag, bags[mag], mag_coords, mask_for(masks, mag))
+            features[mag] = {u: feats[:, i] for i, u in enumerate(SUBSPACES)}
+            logits[mag] = self.fusion_heads[mag](features[mag]["tumor"], features[mag]["tme"])
+        combined = combine_magnifications(logits, task=cfg.task, how=cfg.combine)
+        output = ModelOutput(
+            logits=combined, per_magnification_logits=logits, attention=attention, features=features, ita=ita
+        )
+        return output.fill_derived(self.fusion_heads[present[0]].describe(combined))
+
+    def _magnification(
+        self, mag: str, x: Tensor, coords: Tensor | None, mask: Tensor | None
+    ) -> tuple[Tensor, dict[str, Tensor], ITAResult]:
+        """Run every bag of one magnification; scatter per-patch results back to (B, N)."""
+        bsz, n_max, _ = x.shape
+        if coords is not None and coords.shape[:2] != (bsz, n_max):
+            raise DataError(f"coords {mag!r} must be ({bsz}, {n_max}, 2), got {tuple(coords.shape)}")
+        prototypes = self.prototypes[self.config.magnifications.index(mag)]
+        dev = x.device
+        cluster = torch.full((bsz, n_max), -1, dtype=torch.long, device=dev)
+        is_centre = torch.zeros(bsz, n_max, dtype=torch.bool, device=dev)
+        weight_rows, attn_rows, merged, subspace, feats = [], [], [], [], []
+        for b in range(bsz):
+            valid = torch.arange(n_max, device=dev) if mask is None else mask[b].nonzero().squeeze(1)
+            source, bag = self.branches[mag].run_bag(
+                x[b], valid=valid, coords=None if coords is None else coords[b], prototypes=prototypes
+            )
+            cluster[b, source] = bag.cluster
+            is_centre[b, source] = bag.is_centre
+            weight_rows.append(bag.weight.new_zeros(n_max).index_copy(0, source, bag.weight))
+            attn_rows.append(bag.attention.new_zeros(2, n_max).index_copy(1, source, bag.attention))
+            merged.append(bag.merged)
+            subspace.append(bag.subspace)
+            feats.append(bag.features)
+        attention = torch.stack(attn_rows)  # (B, 2, N)
+        result = ITAResult(
+            cluster=cluster, is_centre=is_centre, weight=torch.stack(weight_rows),
+            merged=torch.stack(merged), subspace=torch.stack(subspace),
+        )
+        return torch.stack(feats), {u: attention[:, i] for i, u in enumerate(SUBSPACES)}, result
