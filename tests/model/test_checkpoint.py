@@ -30,7 +30,8 @@ def test_round_trip_gives_same_outputs(tmp_path, config):
     loaded, doc = load_model(tmp_path / "run")
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [CONFIG, WEIGHTS]  # no temp files left
     assert doc["model_id"] == model_id == weights_id(tmp_path / "run" / WEIGHTS) and len(model_id) == 12
-    assert doc["genes"] == extra["genes"] and doc["encoder"] == "resnet50_trunc" and doc["bin_edges"][-1] == float("inf")
+    assert doc["genes"] == extra["genes"] and doc["encoder"] == "resnet50_trunc" and doc["bin_edges"] == [0.0, 1.0, None]
+    json.loads((tmp_path / "run" / CONFIG).read_text(), parse_constant=lambda name: pytest.fail(f"non-strict JSON: {name}"))
     assert doc["mean"] == [0.0, 0.0]
     assert doc["model"]["kind"] == config.kind and not loaded.training
     with torch.no_grad():

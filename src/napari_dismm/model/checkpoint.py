@@ -4,8 +4,9 @@ config.json holds ``model`` (the architecture config, every field), ``model_id``
 hash of the weights file), ``format_version``, and, at the top level, whatever ``extra``
 the training code passes (gene lists and normalisation statistics, class names or
 survival bin edges, encoder name, magnifications, ...). numpy arrays and tensors in
-``extra`` are stored as lists; an infinite bin edge is written as JSON ``Infinity``
-(Python's json reads it back as inf).
+``extra`` are stored as lists. The file is strict JSON: a non-finite float (the open
+last survival bin edge, +inf) is written as ``null``; readers of bin edges take a null
+last edge as +inf.
 """
 
 from __future__ import annotations
@@ -55,6 +56,19 @@ def _jsonable(value: Any) -> Any:
     raise ModelConfigError(f"extra holds a {type(value).__name__}, which config.json cannot store")
 
 
+def _strict(value: Any) -> Any:
+    """Make a document strict JSON: containers recursed, non-finite floats -> None."""
+    if isinstance(value, dict):
+        return {key: _strict(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(item) for item in value]
+    if isinstance(value, (torch.Tensor, np.ndarray, np.generic, Path)):
+        return _strict(_jsonable(value))
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
 def _atomic_path(directory: Path, name: str) -> Path:
     handle, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
     os.close(handle)
@@ -76,7 +90,7 @@ def save_model(model: nn.Module, directory: str | os.PathLike, *, extra: dict[st
         save_file(state, str(tmp_weights), metadata={"format": "pt"})
         model_id = weights_id(tmp_weights)
         document = {**extra, "model": config_to_dict(model.config), "model_id": model_id, "format_version": FORMAT_VERSION}
-        tmp_config.write_text(json.dumps(document, indent=2, sort_keys=True, default=_jsonable))
+        tmp_config.write_text(json.dumps(_strict(document), indent=2, sort_keys=True, allow_nan=False, default=_jsonable))
         os.replace(tmp_weights, directory / WEIGHTS)
         os.replace(tmp_config, directory / CONFIG)
     finally:
