@@ -45,7 +45,33 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the embedded default: the generated sample slide in napari")
     demo.add_argument("--headless", action="store_true", help="no window: write outputs to --out")
     demo.add_argument("--out", type=Path, default=None, help="output directory for --headless (default ./dismm-demo)")
+    extract = sub.add_parser("extract", help="patch features at 10x and 20x for slides or folders of slides")
+    extract.add_argument("inputs", type=Path, nargs="+", metavar="SLIDE_OR_DIR")
+    extract.add_argument("--out", type=Path, required=True, help="output directory for feature files")
+    extract.add_argument("--encoder", default="efficientnet-lite0", help="encoder name (default: efficientnet-lite0)")
+    extract.add_argument("--weights", type=Path, default=None, help="local weight file for encoders that need one")
+    extract.add_argument("--magnifications", nargs="+", default=["10", "20"], help="target magnifications (default: 10 20)")
+    extract.add_argument("--scheduler", default=None, help="dask distributed scheduler address (default: this machine)")
+    extract.add_argument("--mpp", type=float, default=None, help="override microns per pixel at level 0")
+    extract.add_argument("--min-tissue", type=float, default=0.25, help="minimum tissue fraction of a patch")
+    extract.add_argument("--batch-size", type=int, default=64)
+    extract.add_argument("--workers", type=int, default=2, help="reader threads per slide")
+    extract.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+    _add_plugin_commands(sub)
     return parser
+
+
+def _add_plugin_commands(sub) -> None:
+    """Subcommands contributed by installed packages (the training backend registers
+    `train`, `evaluate`, `synth` this way), so this package never imports them by name.
+
+    Each entry point in the group `napari_dismm.commands` is a function taking the
+    subparsers object; it adds its parser and sets `handler` (args -> exit code)."""
+    from importlib.metadata import entry_points
+
+    for entry in sorted(entry_points(group="napari_dismm.commands"), key=lambda e: e.name):
+        entry.load()(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,9 +83,13 @@ def main(argv: list[str] | None = None) -> int:
                 return _view(args)
             case "demo":
                 return _demo(args)
-            case _:
+            case "extract":
+                return _extract(args)
+            case None:
                 parser.print_help()
                 return EXIT_OK
+            case _:
+                return args.handler(args)
     except DismmError as error:
         return _fail(error)
     except KeyboardInterrupt:
@@ -85,6 +115,21 @@ def _view(args: argparse.Namespace) -> int:
     require_display()
     show_slide(slide, exit_after_first_frame=args.first_frame)
     return EXIT_OK
+
+
+def _extract(args: argparse.Namespace) -> int:
+    from napari_dismm.features.cohort import extract_cohort
+
+    summary = extract_cohort(
+        inputs=args.inputs, out_dir=args.out, encoder=args.encoder, weights=args.weights,
+        scheduler=args.scheduler, progress=True,
+        magnifications=args.magnifications, mpp=args.mpp, min_tissue=args.min_tissue,
+        batch_size=args.batch_size, num_workers=args.workers, device=args.device,
+    )
+    print(summary.table())
+    if not summary.ok:
+        print(f"dismm: error: {len(summary.failed)} slide(s) failed; see the summary above", file=sys.stderr)
+    return summary.exit_code
 
 
 def _demo(args: argparse.Namespace) -> int:
