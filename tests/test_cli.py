@@ -51,3 +51,24 @@ def _truncated(tmp_path: Path, cmu: Path) -> Path:
 def test_view_bad_input(tmp_path, cmu_slide_path, make, contains):
     path = make(tmp_path, cmu_slide_path)
     assert_one_clear_line(run_dismm("view", str(path)), contains=contains)
+
+
+def test_extract_bad_input_is_one_line(tmp_path, cmu_slide_path):
+    assert_one_clear_line(run_dismm("extract", str(tmp_path / "none.svs"), "--out", str(tmp_path / "o")), contains="none.svs")
+    assert_one_clear_line(
+        run_dismm("extract", str(cmu_slide_path), "--out", str(tmp_path / "o"), "--encoder", "nope"), contains="unknown encoder"
+    )
+
+
+def test_extract_cohort_reports_failures_and_exits_nonzero(tmp_path, cmu_slide_path):
+    import shutil
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    shutil.copy(cmu_slide_path, slides / "good.svs")
+    (slides / "broken.svs").write_bytes(cmu_slide_path.read_bytes()[:150_000])
+    result = run_dismm("extract", str(slides), "--out", str(tmp_path / "features"), "--magnifications", "10")
+    assert result.returncode == 1, result.stderr
+    assert "broken.svs" in result.stdout and "FAILED" in result.stdout
+    assert (tmp_path / "features" / "efficientnet-lite0" / "10x" / "good.h5").exists()
+    assert not (tmp_path / "features" / "efficientnet-lite0" / "10x" / "broken.h5").exists()
