@@ -72,3 +72,10 @@ def test_extract_cohort_reports_failures_and_exits_nonzero(tmp_path, cmu_slide_p
     assert "broken.svs" in result.stdout and "FAILED" in result.stdout
     assert (tmp_path / "features" / "efficientnet-lite0" / "10x" / "good.h5").exists()
     assert not (tmp_path / "features" / "efficientnet-lite0" / "10x" / "broken.h5").exists()
+
+
+def test_predict_bad_input_is_one_line(tmp_path, cmu_slide_path):
+    assert_one_clear_line(
+        run_dismm("predict", str(cmu_slide_path), "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "b")),
+        contains="no-model",
+    )

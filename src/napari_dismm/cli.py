@@ -58,6 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--workers", type=int, default=2, help="reader threads per slide")
     extract.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
+    predict = sub.add_parser("predict", help="run a model on a slide (or its feature files) and write a prediction bundle")
+    predict.add_argument("inputs", type=Path, nargs="+", metavar="SLIDE_OR_FEATURES",
+                         help="a slide file, or one feature file (.h5) per magnification")
+    predict.add_argument("--model", required=True, help="model directory, or `demo` for the shipped demo model")
+    predict.add_argument("--out", type=Path, required=True, help="bundle directory to write")
+    predict.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    predict.add_argument("--mpp", type=float, default=None, help="override microns per pixel at level 0")
+    predict.add_argument("--features-dir", type=Path, default=None, help="feature cache (default: the user cache)")
+
     _add_plugin_commands(sub)
     return parser
 
@@ -85,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
                 return _demo(args)
             case "extract":
                 return _extract(args)
+            case "predict":
+                return _predict(args)
             case None:
                 parser.print_help()
                 return EXIT_OK
@@ -130,6 +141,42 @@ def _extract(args: argparse.Namespace) -> int:
     if not summary.ok:
         print(f"dismm: error: {len(summary.failed)} slide(s) failed; see the summary above", file=sys.stderr)
     return summary.exit_code
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from napari_dismm.predict import features_by_magnification, predict_features, predict_slide
+
+    progress = _stage_printer()
+    if all(path.suffix.lower() in (".h5", ".hdf5") for path in args.inputs):
+        prediction = predict_features(
+            features=features_by_magnification(args.inputs), model_dir=args.model, out_dir=args.out,
+            device=args.device, progress=progress,
+        )
+    elif len(args.inputs) == 1:
+        prediction = predict_slide(
+            slide_path=args.inputs[0], model_dir=args.model, out_dir=args.out, device=args.device,
+            mpp=args.mpp, features_dir=args.features_dir, progress=progress,
+        )
+    else:
+        raise DismmError("give one slide, or feature files (.h5) only")
+    if prediction.task == "classification":
+        summary = f"{prediction.predicted_class} (p = {max(prediction.probabilities):.2f})"
+    else:
+        summary = f"risk {prediction.risk:.3f}"
+    print(f"{prediction.slide_name}: {summary}; {len(prediction.patches)} patch rows; bundle in {args.out}")
+    return EXIT_OK
+
+
+def _stage_printer():
+    """Progress on stderr: one line each time a stage starts."""
+    seen: set[str] = set()
+
+    def report(stage: str, fraction: float) -> None:
+        if stage not in seen:
+            seen.add(stage)
+            print(f"dismm: {stage} ...", file=sys.stderr)
+
+    return report
 
 
 def _demo(args: argparse.Namespace) -> int:
