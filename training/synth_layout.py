@@ -32,7 +32,7 @@ class SynthConfig:
     informative_gene_fraction: float = 0.2
     mpp_level0: float = 0.25              # µm per level-0 pixel (40x-like)
     patch_size: int = 224
-    censor_fraction: float = 0.3
+    censor_fraction: float = 0.15
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -49,6 +49,12 @@ class SynthConfig:
 
 
 MAGNIFICATION_MPP = {"10x": 1.0, "20x": 0.5}
+
+#: Planted log hazard ratios of the survival variant: a high tumor state raises the hazard,
+#: an immune-hot TME lowers it. Strong enough that the true hazard reaches a C-index of
+#: ~0.81 on 64 patients with 15 % censoring (four risk groups cap it: ties within a group).
+SURVIVAL_TUMOR_LOG_HR = 3.0
+SURVIVAL_TME_LOG_HR = -2.0
 
 
 @dataclass
@@ -130,7 +136,8 @@ def _unit_directions(rng, dim: int) -> dict[str, np.ndarray]:
 
 def _survival(rng, cfg, tumor_state: np.ndarray, tme_state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Exponential times whose hazard rises with tumor state and falls with an immune-hot TME."""
-    log_hazard = 1.2 * tumor_state - 1.0 * tme_state + 0.15 * rng.standard_normal(len(tumor_state))
+    log_hazard = (SURVIVAL_TUMOR_LOG_HR * tumor_state + SURVIVAL_TME_LOG_HR * tme_state
+                  + 0.15 * rng.standard_normal(len(tumor_state)))
     times = rng.exponential(24.0 * np.exp(-log_hazard))
     censored = rng.random(len(times)) < cfg.censor_fraction
     observed = np.where(censored, times * rng.uniform(0.2, 1.0, len(times)), times)

@@ -3,6 +3,11 @@
 The gene embedding of a subspace asks the patch tokens which of them matter: it is the
 query, the patch tokens are keys and values. Attention runs over a set (masked softmax
 over the patches), so it does not depend on token order nor on a fake 2-D grid.
+
+The subspace feature is the attention-pooled patches only, with no residual of the gene
+query: with one, the head can read the label from the genes and ignore the slide, and the
+attention map (what the viewer shows) stops meaning anything. Genes decide *where to look*;
+what is seen comes from the patches.
 """
 
 from __future__ import annotations
@@ -38,5 +43,5 @@ class SubspaceCrossAttention(nn.Module):
         scores = torch.einsum("bhe,bhne->bhn", q, k) * self.scale
         attn = masked_softmax(scores, None if mask is None else mask[:, None, :], dim=-1)
         pooled = rearrange(torch.einsum("bhn,bhne->bhe", attn, v), "b h e -> b (h e)")
-        feature = self.norm(query + self.to_out(pooled))
+        feature = self.norm(self.to_out(pooled))
         return feature, attn.mean(dim=1)

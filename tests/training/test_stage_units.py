@@ -1,0 +1,123 @@
+"""Units of the loops: batching across ranks, checkpoint round trip, stage I/II objectives."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from training.cohort import load_cohort
+from training.config import config_from_dict
+from training.dataset import collate_bags
+from training.ddp import DistContext, epoch_batches
+from training.engine import load_checkpoint, save_checkpoint, seed_for
+from training.splits import split_cohort
+from training.stage1 import SupervisedObjective, model_config, prepare_fold
+from training.stage2 import DistillationObjective, teacher_prototypes
+from napari_dismm.model.registry import build_model
+from tests.training.synth_files import write_cohort
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run faster on one thread, above all on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    files = write_cohort(tmp_path_factory.mktemp("units"), n_patients=16, feature_dim=8)
+    cohort = load_cohort(cohort_csv=files.csv, expression=files.expression, gene_sets=files.gmt, task="classification")
+    cfg = config_from_dict({"model": {"d": 16, "dropout": 0.0}, "data": {"batch_size": 4}})
+    split = split_cohort(cohort, n_folds=2, val_fraction=0.25, seed=0)
+    return prepare_fold(cohort, split.folds[0], 0, cfg, use_genes=True)
+
+
+@pytest.mark.parametrize("n, batch", [(10, 4), (11, 4), (8, 2), (7, 6)])
+def test_rank_batches_union_is_the_single_process_batch(n, batch):
+    single = epoch_batches(n, batch_size=batch, seed=3, epoch=2, ctx=DistContext())
+    ranks = [epoch_batches(n, batch_size=batch, seed=3, epoch=2, ctx=DistContext(rank=r, world_size=2)) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1])
+    assert sorted(i for b in single for i in b) == list(range(n))
+    if n % 2 == 0:  # no padding: every global step holds the same samples
+        for k, step in enumerate(single):
+            assert sorted(ranks[0][k] + ranks[1][k]) == sorted(step)
+    other_epoch = epoch_batches(n, batch_size=batch, seed=3, epoch=3, ctx=DistContext())
+    assert other_epoch != single or n < 3
+
+
+def test_seed_for_is_stable_and_distinct():
+    assert seed_for(0, "teacher", 1, 2) == seed_for(0, "teacher", 1, 2)
+    assert seed_for(0, "teacher", 1, 2) != seed_for(0, "teacher", 1, 3)
+
+
+def test_checkpoint_round_trip_restores_model_optimizer_and_rng(setup, tmp_path):
+    torch.manual_seed(0)
+    model = build_model(model_config("teacher", setup))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    obj = SupervisedObjective(model, task="classification", class_weights=setup.class_weights, dev_weight=1.0, cgc=True,
+                              patch_size_10x_level0=setup.patch_size_10x_level0)
+    batch = collate_bags([setup.data.train[i] for i in range(4)])
+    loss, parts = obj.train_loss(model, batch)
+    loss.backward()
+    obj.after_backward()
+    opt.step()
+    best = {k: v.clone() * 2 for k, v in model.state_dict().items()}
+    save_checkpoint(tmp_path, model=model, optimizer=opt, best=best, info={"epoch": 1, "history": [{"epoch": 1}]})
+    expected_rng = torch.get_rng_state()
+    torch.rand(5)
+
+    model2 = build_model(model_config("teacher", setup))
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-3)
+    best2, info = load_checkpoint(tmp_path, model=model2, optimizer=opt2)
+    assert info == {"epoch": 1, "history": [{"epoch": 1}]}
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values()))
+    assert all(torch.equal(best[k], best2[k]) for k in best)
+    s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]
+    assert s1.keys() == s2.keys() and all(torch.equal(s1[p][k], s2[p][k]) for p in s1 for k in s1[p])
+    assert torch.equal(torch.get_rng_state(), expected_rng)
+    assert not list(tmp_path.glob("*.pt")) and (tmp_path / "state.json").exists()
+
+
+def test_teacher_objective_has_every_term_and_cgc_acts(setup):
+    torch.manual_seed(1)
+    model = build_model(model_config("teacher", setup))
+    obj = SupervisedObjective(model, task="classification", class_weights=setup.class_weights, dev_weight=1.0, cgc=True,
+                              patch_size_10x_level0=setup.patch_size_10x_level0)
+    batch = collate_bags([setup.data.train[i] for i in range(4)])
+    loss, parts = obj.train_loss(model, batch)
+    assert set(parts) == {"task", "task_per_mag", "dev"}
+    assert float(loss.detach()) == pytest.approx(parts["task"] + parts["task_per_mag"] + parts["dev"], rel=1e-5)
+    loss.backward()
+    report = obj.after_backward()
+    assert 0.0 <= report["cgc_projected"] <= 1.0
+    for head in model.fusion_heads.values():  # after CGC the blocks never point against each other
+        g = head.linear.weight.grad
+        cos = torch.nn.functional.cosine_similarity(g[:, :16].reshape(1, -1), g[:, 16:].reshape(1, -1))
+        assert float(cos) > -1e-5
+    off = SupervisedObjective(model, task="classification", class_weights=None, dev_weight=0.0, cgc=False)
+    _, parts_off = off.train_loss(model, batch)
+    assert "dev" not in parts_off and off.after_backward() == {}
+
+
+def test_student_prototypes_and_distillation_terms(setup):
+    torch.manual_seed(2)
+    teacher = build_model(model_config("teacher", setup)).eval()
+    student = build_model(model_config("student", setup))
+    protos = teacher_prototypes(teacher, setup.data.train, batch_size=4)
+    assert set(protos) == {"10x", "20x"}
+    for mag, per in protos.items():
+        student.set_subspace_prototypes(per["tumor"], per["tme"], magnification=mag)
+        assert torch.allclose(per["tumor"].mean(), torch.tensor(0.0), atol=1e-5)  # mean of layer-normed vectors
+    assert bool(student.prototypes_set.all())
+    obj = DistillationObjective(teacher, task="classification", class_weights=setup.class_weights, temperature=2.0,
+                                lambda_kd=0.5, lambda_f=0.5)
+    batch = collate_bags([setup.data.train[i] for i in range(4)])
+    loss, parts = obj.train_loss(student, batch)
+    assert set(parts) == {"task", "task_per_mag", "kd", "feature"} and np.isfinite(float(loss))
+    loss.backward()
+    assert all(p.grad is None for p in teacher.parameters())  # the teacher is frozen
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())

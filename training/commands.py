@@ -1,0 +1,100 @@
+"""`dismm train`, `dismm evaluate` and `dismm synth`, registered through entry points.
+
+Each ``register_*`` adds one subparser to the `dismm` command and sets its handler
+(args -> exit code). Heavy imports (torch, pandas, the loops) happen inside the handlers,
+so `dismm --help` stays instant. User errors are DismmError subclasses, which the CLI
+prints as one line with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+TASK_CHOICES = ("classification", "survival")
+
+
+def register_train(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train", help="train the DisMM teacher, student and baselines with patient-level cross-validation",
+        description="Stage I teacher, stage II student and the baselines over the same folds. "
+        "Starting the same command again resumes an interrupted run. Runs under torchrun (DDP) too.",
+    )
+    p.add_argument("--cohort", type=Path, required=True, help="cohort CSV (patient_id, slide_id, features_10x, ...)")
+    p.add_argument("--expression", type=Path, required=True, help="expression table (TSV/CSV)")
+    p.add_argument("--gene-sets", type=Path, default=None, help="GMT with TUMOR* and TME* sets (default: shipped)")
+    p.add_argument("--task", choices=TASK_CHOICES, required=True)
+    p.add_argument("--out", type=Path, required=True, help="run directory (created; reused to resume)")
+    p.add_argument("--config", type=Path, default=None, help="TOML config (default: the documented defaults)")
+    p.add_argument("--models", nargs="+", default=None, metavar="NAME",
+                   help="models to train (default: teacher student + [baselines] run)")
+    p.add_argument("--ablations", action="store_true", help="also train the teacher with CGC off and with DEV off")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process (default: torch's)")
+    p.set_defaults(handler=_train)
+
+
+def register_evaluate(subparsers) -> None:
+    p = subparsers.add_parser("evaluate", help="summary table of a training run (mean ± sd over folds)")
+    p.add_argument("run_dir", type=Path, help="output directory of `dismm train`")
+    p.add_argument("--json", action="store_true", help="print {model: {metric: {mean, sd, folds}}} as JSON")
+    p.set_defaults(handler=_evaluate)
+
+
+def register_synth(subparsers) -> None:
+    p = subparsers.add_parser("synth", help="write a synthetic cohort with planted signal (for trying `dismm train`)")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--task", choices=TASK_CHOICES, default="classification")
+    p.add_argument("--patients", type=int, default=64, help="number of patients (>= 8)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tumor-genes", type=int, default=16, help="tumor genes taken from the shipped sets")
+    p.add_argument("--tme-genes", type=int, default=16, help="TME genes taken from the shipped sets")
+    p.set_defaults(handler=_synth)
+
+
+def _train(args: argparse.Namespace) -> int:
+    import torch
+
+    from napari_dismm.errors import DataError
+    from training.ddp import distributed_from_env
+    from training.run import format_table, run_training
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise DataError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    with distributed_from_env() as ctx:
+        run_training(cohort_csv=args.cohort, expression=args.expression, gene_sets=args.gene_sets, task=args.task,
+                     out=args.out, config=args.config, models=args.models, ablations=args.ablations, ctx=ctx,
+                     log=lambda msg: print(msg, file=sys.stderr))
+        if ctx.is_main:
+            print(format_table(args.out))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from training.run import collect_summary, format_table
+
+    if args.json:
+        print(json.dumps(collect_summary(args.run_dir), indent=1))
+    else:
+        print(format_table(args.run_dir))
+    return 0
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from napari_dismm.errors import DataError
+    from training.synth import planted_cohort_config, write_synthetic_cohort
+
+    if args.patients < 8:
+        raise DataError(f"--patients must be >= 8, got {args.patients}")
+    files = write_synthetic_cohort(
+        args.out, config=planted_cohort_config(task=args.task, n_patients=args.patients, seed=args.seed),
+        n_tumor_genes=args.tumor_genes, n_tme_genes=args.tme_genes,
+    )
+    print(f"wrote {len(files.synth.patients)} patients to {files.root}: {files.csv.name}, "
+          f"{files.expression.name}, {files.gmt.name}, features/, truth.csv, regions.csv")
+    print(f"train with: dismm train --cohort {files.csv} --expression {files.expression} "
+          f"--gene-sets {files.gmt} --task {args.task} --out RUN_DIR")
+    return 0

@@ -1,0 +1,346 @@
+"""The loop every model trains through: epochs, early stopping, checkpoint and resume, test once.
+
+Why one loop: the teacher, the student and the baselines differ only in their loss (an
+:class:`Objective`); sharing seeding, batching, model selection and the files written
+makes their numbers comparable and the resume guarantee hold for all of them.
+
+Determinism (CPU): the model is initialised under a seed derived from (seed, model,
+fold); each epoch reseeds torch (dropout) and the data order (``ddp.epoch_batches``) from
+(seed, model, fold, epoch), and patch subsampling is seeded by the dataset from
+(seed, epoch). So an epoch's result depends only on the state at its start, which the
+checkpoint stores in full (weights, optimizer moments, best state, history, counters):
+a run killed after any epoch and restarted ends bit-identical to an uninterrupted one.
+
+Checkpoint: ``checkpoint/state.safetensors`` holds every tensor (``model.*``, ``best.*``,
+``optim.<param>.<key>``, ``rng``) and, in its metadata, the JSON of the scalars; it is
+written to a temp name and renamed, so a kill never leaves half a checkpoint.
+``checkpoint/state.json`` repeats the scalars for people. No pickles.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import warnings
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.torch import load_file, safe_open, save_file
+from torch import Tensor, nn
+
+from napari_dismm.errors import DismmWarning
+from napari_dismm.model.checkpoint import save_model
+from napari_dismm.model.losses import task_loss
+from training.dataset import Batch, FoldData, SlideDataset, collate_bags
+from training.ddp import SINGLE, DistContext, all_reduce_mean, barrier, epoch_batches, wrap
+from training.metrics import by_patient, classification_metrics, survival_metrics, write_history
+
+STATE = "state.safetensors"
+
+
+def seed_for(*parts: object) -> int:
+    """A 31-bit seed from any parts (stable across runs and Python processes)."""
+    return zlib.crc32("\0".join(str(p) for p in parts).encode()) & 0x7FFFFFFF
+
+
+def set_determinism() -> None:
+    """Deterministic kernels where torch has them (warn, do not fail, where it has not)."""
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    epochs: int
+    lr: float
+    weight_decay: float
+    patience: int
+    batch_size: int
+    select_on: str = "loss"
+    seed: int = 0
+
+
+class Objective(Protocol):
+    """A model's training loss: ``train_loss`` before backward, ``after_backward`` before the step."""
+
+    task: str
+
+    def train_loss(self, net: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, float]]: ...
+
+    def after_backward(self) -> dict[str, float]: ...
+
+
+# -- prediction -------------------------------------------------------------------------------
+
+
+@dataclass
+class Predictions:
+    """Per-slide outputs of one dataset, in dataset order."""
+
+    slide_ids: list[str]
+    patient_ids: list[str]
+    logits: np.ndarray  # (n, C)
+    target: np.ndarray  # (n,) class or time bin
+    probabilities: np.ndarray | None = None  # (n, C)
+    risk: np.ndarray | None = None  # (n,)
+    survival: np.ndarray | None = None  # (n, bins)
+    event: np.ndarray | None = None
+    time: np.ndarray | None = None
+    attention: list[dict[str, dict[str, np.ndarray]]] = field(default_factory=list)  # per slide, unpadded
+
+
+def iterate(dataset: SlideDataset, batch_size: int) -> list[list[int]]:
+    return [list(range(i, min(i + batch_size, len(dataset)))) for i in range(0, len(dataset), batch_size)]
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, dataset: SlideDataset, *, batch_size: int = 8, device: torch.device | str = "cpu",
+    attention: bool = False,
+) -> Predictions:
+    """Eval-mode forward over whole bags (no subsampling), in dataset order."""
+    was_training = model.training
+    model.eval()
+    rows: dict[str, list[Any]] = {k: [] for k in ("logits", "target", "probabilities", "risk", "survival", "event", "time")}
+    slides, patients, maps = [], [], []
+    for idx in iterate(dataset, batch_size):
+        batch = collate_bags([dataset[i] for i in idx]).to(device)
+        out = model(batch.bags, **batch.model_kwargs())
+        slides += batch.slide_ids
+        patients += batch.patient_ids
+        rows["logits"].append(out.logits.float().cpu())
+        rows["target"].append(batch.target.cpu())
+        for key in ("probabilities", "risk", "survival"):
+            value = getattr(out, key)
+            if value is not None:
+                rows[key].append(value.float().cpu())
+        if batch.event is not None:
+            rows["event"].append(batch.event.cpu())
+            rows["time"].append(batch.time.cpu())
+        if attention:
+            for b in range(len(batch)):
+                maps.append({
+                    mag: {name: a[b][batch.masks[mag][b]].cpu().numpy() for name, a in per.items()}
+                    for mag, per in out.attention.items()
+                })
+    model.train(was_training)
+    cat = {k: (torch.cat(v).numpy() if v else None) for k, v in rows.items()}
+    return Predictions(slides, patients, cat["logits"], cat["target"], cat["probabilities"], cat["risk"],
+                       cat["survival"], cat["event"], cat["time"], maps)
+
+
+def prediction_loss(pred: Predictions, *, task: str, class_weights: Tensor | None) -> float:
+    """The task loss of the combined logits (what model selection on "loss" compares)."""
+    events = None if pred.event is None else torch.from_numpy(pred.event)
+    loss = task_loss(torch.from_numpy(pred.logits), torch.from_numpy(pred.target), task=task,
+                     events=events, class_weights=class_weights)
+    return float(loss)
+
+
+def score(pred: Predictions, *, task: str) -> dict[str, float]:
+    """Patient-level metrics (a patient's slides averaged first)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DismmWarning)
+        if task == "classification":
+            patients, probs = by_patient(pred.patient_ids, pred.probabilities)
+            _, target = by_patient(pred.patient_ids, pred.target.astype(float))
+            return classification_metrics(y_true=target.astype(np.int64), probs=probs)
+        _, risk = by_patient(pred.patient_ids, pred.risk)
+        _, time = by_patient(pred.patient_ids, pred.time)
+        _, event = by_patient(pred.patient_ids, pred.event)
+        if len(risk) < 2:
+            return {"c_index": float("nan"), "logrank_p": float("nan")}
+        return survival_metrics(times=time, events=event.astype(np.int64), risks=risk)
+
+
+def main_metric(task: str) -> str:
+    return "auc" if task == "classification" else "c_index"
+
+
+def predictions_frame(pred: Predictions, *, task: str, class_names: Sequence[str] = ()) -> pd.DataFrame:
+    frame = pd.DataFrame({"slide_id": pred.slide_ids, "patient_id": pred.patient_ids})
+    if task == "classification":
+        frame["label"] = [class_names[t] if class_names else int(t) for t in pred.target]
+        for c in range(pred.probabilities.shape[1]):
+            frame[f"prob_{class_names[c] if class_names else c}"] = pred.probabilities[:, c]
+    else:
+        frame["time"], frame["event"], frame["time_bin"] = pred.time, pred.event.astype(int), pred.target
+        frame["risk"] = pred.risk
+        for k in range(pred.survival.shape[1]):
+            frame[f"survival_{k}"] = pred.survival[:, k]
+    return frame
+
+
+# -- checkpoint ---------------------------------------------------------------------------------
+
+
+def _state(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def save_checkpoint(directory: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    best: dict[str, Tensor], info: dict[str, Any]) -> None:
+    """Everything the next epoch depends on, in one safetensors file renamed into place."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v.contiguous() for k, v in _state(model).items()}
+    tensors.update({f"best.{k}": v.contiguous() for k, v in best.items()})
+    opt = optimizer.state_dict()
+    for pid, per in opt["state"].items():
+        for key, value in per.items():
+            tensors[f"optim.{pid}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    tensors["rng"] = torch.get_rng_state()
+    scalars = {**info, "param_groups": opt["param_groups"]}
+    text = json.dumps(scalars, default=_json_default)
+    handle, tmp = tempfile.mkstemp(prefix=".state.", suffix=".tmp", dir=directory)
+    os.close(handle)
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt", "scalars": text})
+        os.replace(tmp, directory / STATE)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    (directory / "state.json").write_text(json.dumps(json.loads(text), indent=1) + "\n")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    raise TypeError(f"cannot store {type(value).__name__} in a checkpoint")
+
+
+def load_checkpoint(directory: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Restore model and optimizer in place; returns (best state, scalars)."""
+    path = directory / STATE
+    with safe_open(str(path), framework="pt") as handle:
+        scalars = json.loads(handle.metadata()["scalars"])
+    tensors = load_file(str(path))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
+    state: dict[int, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": scalars.pop("param_groups")})
+    torch.set_rng_state(tensors["rng"])
+    return best, scalars
+
+
+# -- the fold loop --------------------------------------------------------------------------------
+
+
+@dataclass
+class FoldOutcome:
+    metrics: dict[str, float]
+    best_epoch: int
+    epochs_run: int
+    history: list[dict[str, Any]]
+    test: Predictions | None = None
+    skipped: bool = False
+
+
+def _better(value: float, best: float | None, select_on: str) -> bool:
+    if not math.isfinite(value):
+        return best is None
+    if best is None or not math.isfinite(best):
+        return True
+    return value < best if select_on == "loss" else value > best
+
+
+def train_fold(
+    *,
+    model: nn.Module,
+    objective: Objective,
+    data: FoldData,
+    settings: LoopSettings,
+    fold_dir: Path,
+    name: str,
+    fold: int,
+    extras: dict[str, Any],
+    class_weights: Tensor | None = None,
+    class_names: Sequence[str] = (),
+    ctx: DistContext = SINGLE,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> FoldOutcome:
+    """Train one model on one fold, select on validation, test once; resume if possible.
+
+    A fold whose ``metrics.json`` exists is finished and is read back, not retrained.
+    ``extras`` go into ``best/config.json`` (gene lists, normaliser, bin edges, ...).
+    """
+    task = objective.task
+    done = fold_dir / "metrics.json"
+    if done.exists():
+        saved = json.loads(done.read_text())
+        return FoldOutcome(saved["test"], saved["best_epoch"], saved["epochs_run"], [], skipped=True)
+    set_determinism()
+    device = ctx.device
+    model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    ckpt_dir = fold_dir / "checkpoint"
+    info: dict[str, Any] = {"epoch": 0, "history": [], "best_score": None, "best_epoch": 0, "bad_epochs": 0,
+                            "stopped": False, "world_size": ctx.world_size}
+    best = _state(model)
+    if (ckpt_dir / STATE).exists():
+        best, info = load_checkpoint(ckpt_dir, model=model, optimizer=optimizer)
+    net = wrap(model, ctx)
+    metric = main_metric(task)
+    while info["epoch"] < settings.epochs and not info["stopped"]:
+        epoch = info["epoch"]
+        torch.manual_seed(seed_for(settings.seed, name, fold, epoch))
+        data.train.set_epoch(epoch)
+        net.train()
+        sums: dict[str, float] = {}
+        steps = epoch_batches(len(data.train), batch_size=settings.batch_size,
+                              seed=seed_for(settings.seed, name, fold, "order"), epoch=epoch, ctx=ctx)
+        for idx in steps:
+            batch = collate_bags([data.train[i] for i in idx]).to(device)
+            optimizer.zero_grad(set_to_none=True)
+            loss, parts = objective.train_loss(net, batch)
+            loss.backward()
+            parts.update(objective.after_backward())
+            optimizer.step()
+            for key, value in {"loss": float(loss.detach()), **parts}.items():
+                sums[key] = sums.get(key, 0.0) + value / len(steps)
+        val = predict(model, data.val, batch_size=settings.batch_size, device=device)
+        val_loss = prediction_loss(val, task=task, class_weights=class_weights)
+        val_metric = score(val, task=task)[metric]
+        row = {"epoch": epoch + 1, **{f"train_{k}": all_reduce_mean(v, ctx) for k, v in sums.items()},
+               "val_loss": val_loss, f"val_{metric}": val_metric}
+        value = val_loss if settings.select_on == "loss" else val_metric
+        if _better(value, info["best_score"], settings.select_on):
+            info["best_score"] = value if math.isfinite(value) else None
+            info["best_epoch"], info["bad_epochs"] = epoch + 1, 0
+            best = _state(model)
+        else:
+            info["bad_epochs"] += 1
+        info["history"].append(row)
+        info["epoch"] = epoch + 1
+        info["stopped"] = bool(settings.patience and info["bad_epochs"] >= settings.patience)
+        if ctx.is_main:
+            save_checkpoint(ckpt_dir, model=model, optimizer=optimizer, best=best, info=info)
+            write_history(info["history"], fold_dir / "history")
+        barrier(ctx)
+        if on_epoch is not None:
+            on_epoch(row)
+    model.load_state_dict(best)
+    test = predict(model, data.test, batch_size=settings.batch_size, device=device)
+    metrics = score(test, task=task)
+    if ctx.is_main:
+        write_history(info["history"], fold_dir / "history")
+        predictions_frame(test, task=task, class_names=class_names).to_csv(fold_dir / "test_predictions.csv", index=False)
+        save_model(model, fold_dir / "best", extra={**extras, "fold": fold, "best_epoch": info["best_epoch"]})
+        document = {"model": name, "fold": fold, "task": task, "best_epoch": info["best_epoch"],
+                    "epochs_run": info["epoch"], "n_test_patients": len(set(test.patient_ids)),
+                    "test": {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}}
+        tmp = done.with_name("metrics.json.tmp")
+        tmp.write_text(json.dumps(document, indent=1) + "\n")
+        os.replace(tmp, done)
+    barrier(ctx)
+    return FoldOutcome(metrics, info["best_epoch"], info["epoch"], info["history"], test)
+

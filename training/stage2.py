@@ -1,0 +1,114 @@
+"""Stage II: distil the fold's frozen teacher into the WSI-only student.
+
+Per fold: load the teacher selected in stage I (``<run>/teacher/fold_k/best``), frozen in
+eval mode; fix the student's cluster -> subspace mapping from it (the mean of the
+teacher's layer-normalised f_T and f_E over the training patients, per magnification);
+train the student with, per step,
+    L = L_task(combined) + mean over m of distillation_loss_m
+where distillation_loss_m = L_task(student logits at m) + lambda_kd * T^2 KL(teacher || student)
++ lambda_f * per-subspace feature loss at m (model.losses.distillation_loss). The teacher
+sees the same (subsampled) bags and the genes; the student never sees genes. Early stopping
+on the validation split and one test pass, as for every model (engine.train_fold).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from napari_dismm.errors import DataError
+from napari_dismm.model.checkpoint import load_model
+from napari_dismm.model.losses import distillation_loss, task_loss
+from napari_dismm.model.outputs import SUBSPACES
+from napari_dismm.model.registry import build_model
+from training.dataset import Batch, SlideDataset, collate_bags
+from training.ddp import SINGLE, DistContext
+from training.engine import FoldOutcome, LoopSettings, iterate, seed_for, train_fold
+from training.stage1 import FoldSetup, model_config
+
+
+@torch.no_grad()
+def teacher_prototypes(teacher: nn.Module, dataset: SlideDataset, *, batch_size: int = 8,
+                       device: torch.device | str = "cpu") -> dict[str, dict[str, Tensor]]:
+    """Per magnification, the mean layer-normalised teacher f_T and f_E over ``dataset``
+    (whole bags, eval mode): the student's fixed subspace prototypes."""
+    sums: dict[str, dict[str, Tensor]] = {}
+    count = 0
+    for idx in iterate(dataset, batch_size):
+        batch = collate_bags([dataset[i] for i in idx]).to(device)
+        out = teacher(batch.bags, **batch.model_kwargs())
+        for mag, feats in out.features.items():
+            per = sums.setdefault(mag, {})
+            for u in SUBSPACES:
+                f = F.layer_norm(feats[u].float(), feats[u].shape[-1:]).sum(0)
+                per[u] = per[u] + f if u in per else f
+        count += len(batch)
+    if count == 0:
+        raise DataError("no training slide to set the student's prototypes from")
+    return {mag: {u: v / count for u, v in per.items()} for mag, per in sums.items()}
+
+
+class DistillationObjective:
+    """Student loss against a frozen teacher (see the module docstring)."""
+
+    def __init__(self, teacher: nn.Module, *, task: str, class_weights: Tensor | None, temperature: float,
+                 lambda_kd: float, lambda_f: float) -> None:
+        self.teacher = teacher.eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.task, self.class_weights = task, class_weights
+        self.temperature, self.lambda_kd, self.lambda_f = temperature, lambda_kd, lambda_f
+
+    def _task(self, logits: Tensor, batch: Batch) -> Tensor:
+        return task_loss(logits, batch.target, task=self.task, events=batch.event, class_weights=self.class_weights)
+
+    def train_loss(self, net: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+        with torch.no_grad():
+            t_out = self.teacher(batch.bags, **batch.model_kwargs())
+        s_out = net(batch.bags, coords=batch.coords, masks=batch.masks, genes=None)
+        combined = self._task(s_out.logits, batch)
+        terms = []
+        for mag, logits in s_out.per_magnification_logits.items():
+            terms.append(distillation_loss(
+                task_term=self._task(logits, batch), student_logits=logits,
+                teacher_logits=t_out.per_magnification_logits[mag], student_features=s_out.features[mag],
+                teacher_features=t_out.features[mag], task=self.task, temperature=self.temperature,
+                lambda_kd=self.lambda_kd, lambda_f=self.lambda_f,
+            ))
+        per_mag = {k: torch.stack([t[k] for t in terms]).mean() for k in ("total", "task", "kd", "feature")}
+        loss = combined + per_mag["total"]
+        parts = {"task": float(combined.detach()), "task_per_mag": float(per_mag["task"].detach()), "kd": float(per_mag["kd"].detach()),
+                 "feature": float(per_mag["feature"].detach())}
+        return loss, parts
+
+    def after_backward(self) -> dict[str, float]:
+        return {}
+
+
+def train_student_fold(
+    *, setup: FoldSetup, teacher_dir: Path, out_dir: Path, name: str = "student", ctx: DistContext = SINGLE
+) -> FoldOutcome:
+    """Stage II on one fold; ``teacher_dir`` is the fold's saved best teacher."""
+    cfg = setup.cfg
+    if not (teacher_dir / "model.safetensors").exists():
+        raise DataError(f"stage II needs the fold's teacher at {teacher_dir}: train the teacher first")
+    teacher, _ = load_model(teacher_dir, map_location=ctx.device)
+    torch.manual_seed(seed_for(cfg.cv.seed, name, setup.index, "init"))
+    student = build_model(model_config("student", setup))
+    if not (out_dir / "metrics.json").exists():
+        protos = teacher_prototypes(teacher, setup.data.train, batch_size=cfg.data.batch_size, device=ctx.device)
+        for mag, per in protos.items():
+            student.set_subspace_prototypes(per["tumor"], per["tme"], magnification=mag)
+    s = cfg.student
+    settings = LoopSettings(s.epochs, s.lr, s.weight_decay, s.patience, cfg.data.batch_size, cfg.cv.select_on,
+                            cfg.cv.seed)
+    objective = DistillationObjective(teacher, task=setup.task, class_weights=setup.class_weights,
+                                      temperature=s.temperature, lambda_kd=s.lambda_kd, lambda_f=s.lambda_f)
+    extras = setup.extras(name)
+    extras["teacher"] = str(teacher_dir)  # gene lists stay: what the teacher it learnt from read
+    return train_fold(model=student, objective=objective, data=setup.data, settings=settings, fold_dir=out_dir,
+                      name=name, fold=setup.index, extras=extras, class_weights=setup.class_weights,
+                      class_names=setup.cohort.class_names, ctx=ctx)

@@ -1,0 +1,135 @@
+"""Write a planted synthetic cohort to disk, exactly as a user would hand one to `dismm train`.
+
+Why on disk: the training loop must be exercised through the same files a real cohort
+comes in (cohort CSV, CLAM/TRIDENT-style feature h5 per magnification, an expression
+table, a GMT), so the synthetic run tests the reading code too. The planted layout itself
+(regions, hidden states, expression) is :mod:`training.synth_layout`; this module only
+writes it, plus the ground truth a test needs: ``truth.csv`` (hidden states per patient)
+and ``regions.csv`` (the planted region of every patch, per magnification).
+
+Gene names are real symbols from the shipped default gene sets, so symbol matching runs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from napari_dismm.errors import DataError
+from napari_dismm.features.h5 import FeatureFile, write_features
+from napari_dismm.omics import load_gene_sets
+from training.synth_layout import MAGNIFICATION_MPP, REGION_NAMES, SynthCohort, SynthConfig, generate_cohort
+
+MAG_NUMBER = {"10x": 10.0, "20x": 20.0}
+
+
+@dataclass
+class CohortFiles:
+    """Paths of a written cohort and the in-memory cohort they came from."""
+
+    root: Path
+    csv: Path
+    expression: Path
+    gmt: Path
+    synth: SynthCohort
+    truth: Path | None = None
+    regions: Path | None = None
+
+
+def pick_genes(n_tumor: int = 6, n_tme: int = 6) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The first genes of each shipped default set (real symbols)."""
+    sets = load_gene_sets()
+    if n_tumor < 1 or n_tme < 1 or n_tumor > len(sets.tumor) or n_tme > len(sets.tme):
+        raise DataError(
+            f"gene counts must be 1..{len(sets.tumor)} (tumor) and 1..{len(sets.tme)} (TME), got {n_tumor}, {n_tme}"
+        )
+    return sets.tumor[:n_tumor], sets.tme[:n_tme]
+
+
+def write_synthetic_cohort(
+    root: str | os.PathLike[str],
+    *,
+    config: SynthConfig,
+    n_tumor_genes: int = 6,
+    n_tme_genes: int = 6,
+    slides_per_patient: int = 1,
+    barcodes: bool = False,
+    with_truth: bool = True,
+) -> CohortFiles:
+    """Generate ``config``'s cohort and write it under ``root``.
+
+    ``slides_per_patient`` > 1 repeats a patient's bags under new slide ids; ``barcodes``
+    writes TCGA sample barcodes (``-01A``) in the expression table; ``with_truth`` adds
+    ``truth.csv`` and ``regions.csv``.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    tumor, tme = pick_genes(n_tumor_genes, n_tme_genes)
+    synth = generate_cohort(config, tumor_genes=tumor, tme_genes=tme)
+    rows, region_frames = [], []
+    for patient in synth.patients:
+        for k in range(slides_per_patient):
+            slide_id = f"{patient.patient_id}-S{k}"
+            row = {"patient_id": patient.patient_id, "slide_id": slide_id}
+            for mag in MAGNIFICATION_MPP:
+                rel = Path("features") / mag / f"{slide_id}.h5"
+                write_features(
+                    root / rel,
+                    FeatureFile(
+                        features=patient.features[mag],
+                        coords=patient.coords[mag],
+                        patch_size=config.patch_size,
+                        patch_size_level0=config.step_level0(MAGNIFICATION_MPP[mag]),
+                        target_magnification=MAG_NUMBER[mag],
+                        mpp=config.mpp_level0,
+                        name=slide_id,
+                        encoder="synthetic",
+                    ),
+                )
+                row[f"features_{mag}"] = str(rel)
+                if with_truth:
+                    xy = patient.coords[mag]
+                    region_frames.append(pd.DataFrame({
+                        "slide_id": slide_id, "magnification": mag, "x": xy[:, 0], "y": xy[:, 1],
+                        "region": [REGION_NAMES[r] for r in patient.regions[mag]],
+                    }))
+            if config.task == "classification":
+                row["label"] = synth.class_names[patient.label]
+            else:
+                row["time"], row["event"] = patient.time, patient.event
+            rows.append(row)
+    csv = root / "cohort.csv"
+    pd.DataFrame(rows).to_csv(csv, index=False)
+
+    ids = [p.patient_id + ("-01A" if barcodes else "") for p in synth.patients]
+    expr = pd.DataFrame(synth.expression, columns=list(synth.genes))
+    expr.insert(0, "sample", ids)
+    expression = root / "expression.tsv"
+    expr.to_csv(expression, sep="\t", index=False)
+
+    gmt = root / "sets.gmt"
+    gmt.write_text(
+        "TUMOR_SYNTH\tplanted tumor genes\t" + "\t".join(tumor) + "\n"
+        + "TME_SYNTH\tplanted TME genes\t" + "\t".join(tme) + "\n"
+    )
+    files = CohortFiles(root, csv, expression, gmt, synth)
+    if with_truth:
+        files.truth = root / "truth.csv"
+        pd.DataFrame([
+            {"patient_id": p.patient_id, "tumor_state": p.tumor_state, "tme_state": p.tme_state}
+            for p in synth.patients
+        ]).to_csv(files.truth, index=False)
+        files.regions = root / "regions.csv"
+        pd.concat(region_frames, ignore_index=True).to_csv(files.regions, index=False)
+    return files
+
+
+def planted_cohort_config(*, task: str = "classification", n_patients: int = 64, seed: int = 0,
+                          patch_signal: float = 2.0, gene_signal: float = 1.5) -> SynthConfig:
+    """The small planted cohort the tests and benchmark train on (a few minutes on 2 CPU cores)."""
+    return SynthConfig(task=task, n_patients=n_patients, feature_dim=64, grid_min=4, grid_max=6, seed=seed,
+                       patch_signal=patch_signal, type_signal=2.0, region_fraction=0.15,
+                       gene_signal=gene_signal)
