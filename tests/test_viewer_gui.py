@@ -73,3 +73,25 @@ def test_demo_headless_writes_screenshot(tmp_path):
 
     shot = imread(out / "screenshot.png")
     assert _tissue_fraction(shot) > 0.05
+
+
+def test_view_command_with_bundle_and_mismatch(tmp_path, cmu_slide_path):
+    """`dismm view SLIDE BUNDLE` shows a bundle of that slide and refuses another slide's."""
+    from napari_dismm.model.checkpoint import save_model
+    from napari_dismm.model.registry import build_model
+    from napari_dismm.model.student import StudentConfig
+    from napari_dismm.predict import predict_slide
+    from napari_dismm.slide.synthetic import write_sample_slide
+
+    model = build_model(StudentConfig(task="classification", n_outputs=2, d_in=1280, d=32, magnifications=("10x",)))
+    save_model(model, tmp_path / "model", extra={"encoder": "efficientnet-lite0", "magnifications": ["10x"],
+                                                  "class_names": ["a", "b"], "patch_size": 224})
+    predict_slide(slide_path=cmu_slide_path, model_dir=tmp_path / "model", out_dir=tmp_path / "bundle",
+                  features_dir=tmp_path / "features", device="cpu")
+    ok = subprocess.run([sys.executable, "-m", "napari_dismm.cli", "view", str(cmu_slide_path),
+                         str(tmp_path / "bundle"), "--first-frame"], capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    other = write_sample_slide(tmp_path / "other.tif", width=1200, height=900, seed=3)
+    bad = subprocess.run([sys.executable, "-m", "napari_dismm.cli", "view", str(other.path), str(tmp_path / "bundle")],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "bundle is for slide" in bad.stderr and "Traceback" not in bad.stderr

@@ -119,12 +119,14 @@ def _view(args: argparse.Namespace) -> int:
 
     # Validate headless first, so bad input fails before a window opens.
     slide = open_slide(args.slide, mpp=args.mpp)
-    if args.bundle is not None and not args.bundle.exists():
-        raise DismmError(f"prediction bundle not found: {args.bundle}")
+    if args.bundle is not None:
+        from napari_dismm.bundle import check_bundle_matches_slide, read_bundle
+
+        check_bundle_matches_slide(read_bundle(args.bundle), slide.info)
     from napari_dismm.viewer.app import require_display, show_slide
 
     require_display()
-    show_slide(slide, exit_after_first_frame=args.first_frame)
+    show_slide(slide, bundle=args.bundle, exit_after_first_frame=args.first_frame)
     return EXIT_OK
 
 

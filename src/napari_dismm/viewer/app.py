@@ -71,12 +71,33 @@ def add_slide(viewer, slide: Slide):
     return layer
 
 
-def show_slide(slide: Slide, *, exit_after_first_frame: bool = False) -> None:
-    """Open a window with the slide and run the event loop until it is closed."""
+def dock_prediction_widget(viewer):
+    """The prediction widget, docked on the right, ready to run on the open slide."""
+    from napari_dismm.viewer.widget import PredictionWidget
+
+    widget = PredictionWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="DisMM prediction", area="right")
+    return widget
+
+
+def add_bundle(widget, slide: Slide, bundle: Path) -> None:
+    """Show a prediction bundle over its slide (layers and panel); another slide's is refused."""
+    from napari_dismm.bundle import check_bundle_matches_slide, read_bundle
+
+    prediction = read_bundle(bundle)
+    check_bundle_matches_slide(prediction, slide.info)
+    widget.show_prediction(prediction)
+
+
+def show_slide(slide: Slide, *, bundle: Path | None = None, exit_after_first_frame: bool = False) -> None:
+    """Open a window with the slide (and a bundle's layers) and run the event loop."""
     import napari
 
     viewer = new_viewer(show=True)
     add_slide(viewer, slide)
+    widget = dock_prediction_widget(viewer)
+    if bundle is not None:
+        add_bundle(widget, slide, bundle)
     if exit_after_first_frame:
         _quit_after_first_frame(viewer)
     napari.run()

@@ -1,0 +1,177 @@
+"""Prediction overlays at scale, and the viewer's responsiveness during inference.
+
+1. Build and add all overlay layers of a 100k-patch prediction (100k patches at 20x plus
+   25k at 10x) to a shown viewer: seconds and RSS growth (goal < 0.3 s, < 50 MB). Side by
+   side, the naive alternative the design rejects: painting the tumor attention onto a
+   full-resolution level-0 canvas (one float32 per level-0 pixel) -- the ratio is printed.
+2. Event-loop latency while an inference worker runs (`thread_worker`, as the widget does):
+   a QTimer fires every 10 ms and records how late it is; max and p95 lag (goal < 100 ms).
+   The worker does real CPU work (torch matmuls, which release the GIL like a model's
+   forward pass) plus pure-Python work that holds the GIL, compared with an idle loop.
+
+Run: ``python benchmarks/bench_layers.py`` (uses Xvfb when there is no display).
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+
+import numpy as np
+import pandas as pd
+import psutil
+
+from napari_dismm.bundle import Prediction
+
+MPP = 0.25
+PATCH_20X = 448  # level-0 px of a 224 px patch at 0.5 µm/px on a 0.25 µm/px slide
+
+
+def big_prediction(n_fine: int = 100_000, seed: int = 0) -> Prediction:
+    """A square-ish tissue block of ``n_fine`` 20x patches and the matching 10x patches."""
+    rng = np.random.default_rng(seed)
+    tables = []
+    for mag, size, n in (("20x", PATCH_20X, n_fine), ("10x", 2 * PATCH_20X, n_fine // 4)):
+        side = int(np.ceil(np.sqrt(n)))
+        idx = np.arange(n)
+        x, y = (idx % side) * size + 1000, (idx // side) * size + 1000
+        att = rng.gamma(1.0, size=n)
+        tables.append(pd.DataFrame({
+            "x": x, "y": y, "width": size, "height": size, "magnification": mag,
+            "tumor_attention": att / att.sum(), "tme_attention": att[::-1] / att.sum(),
+            "ita_cluster": rng.integers(0, 2, n), "ita_centre": idx < 2,
+        }))
+    patches = pd.concat(tables, ignore_index=True)
+    extent = int(patches.x.max() + 2000)
+    ring = [(900, 900), (extent, 900), (extent, extent), (900, extent)]
+    return Prediction(
+        slide_id="bench", slide_name="bench.tif", model_id="bench", model_kind="student",
+        task="classification", class_names=["a", "b"], probabilities=[0.4, 0.6], predicted_class="b",
+        risk=None, survival=None, bin_edges=None, trained_for="benchmark", mpp=MPP,
+        level0_size=(extent + 1000, extent + 1000), patches=patches, tissue_contours=[ring],
+    )
+
+
+def rss_mb() -> float:
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def bench_layers(viewer, prediction: Prediction, *, magnification: str | None = None) -> dict[str, float]:
+    from napari_dismm.viewer.prediction_layers import prediction_layer_data
+    from napari_dismm.viewer.widget import add_layer_tuples
+
+    gc.collect()
+    rss0, t0 = rss_mb(), time.perf_counter()
+    tuples = prediction_layer_data(prediction, magnification=magnification)
+    build = time.perf_counter() - t0
+    layers = add_layer_tuples(viewer, tuples, prediction=prediction)
+    seconds = time.perf_counter() - t0
+    rss1 = rss_mb()
+    t1 = time.perf_counter()
+    viewer.window._qt_viewer.canvas._scene_canvas.render()  # first draw of the overlays (private, bench only)
+    draw = time.perf_counter() - t1
+    for layer in layers:
+        viewer.layers.remove(layer)
+    return {"seconds": seconds, "build_s": build, "rss_mb": rss1 - rss0, "layers": len(layers),
+            "first_draw_s": draw, "per_layer_add_s": (seconds - build) / max(len(layers), 1)}
+
+
+def bench_canvas(prediction: Prediction, *, sample: int = 2000) -> dict[str, float]:
+    """The rejected design: a level-0 float32 canvas with each 20x patch painted in.
+
+    The whole canvas does not fit in memory (that is the point), so its size is computed
+    and the painting is timed on the bounding box of the first ``sample`` patches, then
+    scaled by the number of patches."""
+    rows = prediction.patches[prediction.patches.magnification == "20x"].iloc[:sample]
+    w, h = prediction.level0_size
+    x0, y0 = int(rows.x.min()), int(rows.y.min())
+    x1, y1 = int((rows.x + rows.width).max()), int((rows.y + rows.height).max())
+    t0 = time.perf_counter()
+    canvas = np.full((y1 - y0, x1 - x0), np.nan, dtype=np.float32)
+    for x, y, s, v in zip(rows.x.to_numpy() - x0, rows.y.to_numpy() - y0, rows.width.to_numpy(),
+                          rows.tumor_attention.to_numpy()):
+        canvas[y:y + s, x:x + s] = v
+    partial = time.perf_counter() - t0
+    n = int((prediction.patches.magnification == "20x").sum())
+    return {"seconds": partial * n / len(rows), "mb": w * h * 4 / 2**20}
+
+
+def bench_latency(viewer, *, seconds: float = 4.0, busy: bool = True) -> dict[str, float]:
+    """Lag of a 10 ms QTimer while a thread_worker runs (or while idle)."""
+    import torch
+    from napari.qt.threading import thread_worker
+    from qtpy.QtCore import QEventLoop, QTimer
+
+    lags: list[float] = []
+    last = [time.perf_counter()]
+
+    def tick():
+        now = time.perf_counter()
+        lags.append(max(0.0, now - last[0] - 0.010))
+        last[0] = now
+
+    def work():
+        end = time.perf_counter() + seconds
+        a = torch.randn(512, 512)
+        while time.perf_counter() < end:
+            if busy:
+                for _ in range(4):
+                    a = torch.tanh(a @ a.T / 512)  # releases the GIL, like a forward pass
+                sum(i * i for i in range(20_000))  # holds the GIL, like Python-side batching
+            else:
+                time.sleep(0.01)
+        return True
+
+    loop = QEventLoop()
+    timer = QTimer()
+    timer.setInterval(10)
+    timer.timeout.connect(tick)
+    worker = thread_worker(work, start_thread=False)()
+    worker.finished.connect(loop.quit)
+    last[0] = time.perf_counter()
+    timer.start()
+    worker.start()
+    loop.exec()
+    timer.stop()
+    lag = np.array(lags[1:]) * 1000
+    return {"ticks": len(lag), "max_ms": float(lag.max()), "p95_ms": float(np.percentile(lag, 95))}
+
+
+def main() -> None:
+    from napari_dismm.viewer.app import new_viewer, virtual_display
+
+    prediction = big_prediction()
+    n = len(prediction.patches)
+    with virtual_display():
+        viewer = new_viewer(show=True)
+        try:
+            bench_layers(viewer, big_prediction(2000), magnification="all")  # warm-up: imports, shaders
+            canvas = bench_canvas(prediction)
+            print(f"patches (rows: 100k at 20x + 25k at 10x) {n}")
+            runs = {}
+            for mag in (None, "all"):
+                layers = runs[mag] = bench_layers(viewer, prediction, magnification=mag)
+                print(f"-- magnification={mag!s:5s}: {layers['layers']} overlay layers")
+                print(f"build (pure numpy) seconds       {layers['build_s']:.3f}")
+                print(f"build+add seconds                {layers['seconds']:.3f}   (goal < 0.3)")
+                print(f"napari add per layer seconds     {layers['per_layer_add_s']:.3f}")
+                print(f"build+add RSS delta MB           {layers['rss_mb']:.1f}   (goal < 50)")
+                print(f"first draw of overlays seconds   {layers['first_draw_s']:.3f}")
+            print(f"level-0 canvas (rejected) s      {canvas['seconds']:.3f}  (extrapolated)")
+            print(f"level-0 canvas array MB          {canvas['mb']:.0f}")
+            default = runs[None]
+            print(f"ratio canvas/grid seconds        {canvas['seconds'] / default['seconds']:.0f}x  (default layers)")
+            print(f"ratio canvas/grid memory         {canvas['mb'] / max(default['rss_mb'], 1.0):.0f}x")
+            idle = bench_latency(viewer, busy=False)
+            busy = bench_latency(viewer, busy=True)
+            print(f"event-loop lag idle   max/p95 ms {idle['max_ms']:.1f} / {idle['p95_ms']:.1f}  "
+                  f"({idle['ticks']} ticks)")
+            print(f"event-loop lag worker max/p95 ms {busy['max_ms']:.1f} / {busy['p95_ms']:.1f}  "
+                  f"({busy['ticks']} ticks, goal < 100)")
+            print(f"ratio worker/idle p95            {busy['p95_ms'] / max(idle['p95_ms'], 1e-3):.1f}x")
+        finally:
+            viewer.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,409 @@
+"""The docked DisMM widget: run a model on a slide layer and look at where it attended.
+
+Why it is built this way:
+- Inference runs in a `thread_worker`; the worker also builds the layer-data tuples (pure
+  numpy), so the main thread only adds finished layers and the viewer stays responsive.
+- Progress is reported by `predict_slide` from the worker thread into a plain attribute;
+  a 100 ms QTimer in the main thread copies it into a napari progress bar (Qt objects are
+  touched from the main thread only).
+- Cancel sets an event that `predict_slide` polls once per encoded batch, so a run stops
+  within about a second; a second Run while one is going is refused with a message.
+- Every user-caused error arrives as a one-line notification; the viewer never dies.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSlider, Label, PushButton
+from napari.layers import Image, Layer
+from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtCore import QTimer
+
+from napari_dismm.errors import DismmError
+from napari_dismm.viewer.panel import PredictionPanel
+from napari_dismm.viewer.prediction_layers import NORMALISATIONS, display_grid, prediction_layer_data
+
+#: "finest" = the finest magnification present, "all" = every one (napari adds ~0.1 s per layer)
+MAGNIFICATION_CHOICES = ("finest", "all", "10x", "20x")
+PREDICTION_KINDS = ("attention", "ita", "ita_centres", "tissue", "patches")
+#: patches per batch on a CPU: cancel is polled when a batch has been read (and every
+#: CANCEL_CHUNK = 4 patches while encoding), so a read batch of 4 keeps the gap between
+#: polls near 0.3 s on 2 cores; the CLI keeps large batches for throughput
+CPU_BATCH_SIZE = 4
+GPU_BATCH_SIZE = 32
+
+
+# ---------------------------------------------------------------- layers in a viewer
+
+
+def prediction_layers_in(viewer, slide_id: str | None = None) -> list[Layer]:
+    """The overlay layers of one slide's prediction (of any slide when ``slide_id`` is None)."""
+    return [
+        layer for layer in viewer.layers
+        if layer.metadata.get("dismm_kind") in PREDICTION_KINDS
+        and (slide_id is None or layer.metadata.get("slide_id") == slide_id)
+    ]
+
+
+def add_layer_tuples(viewer, tuples, *, prediction=None) -> list[Layer]:
+    """Add prepared layer tuples, replacing the same slide's previous prediction layers."""
+    slide_ids = {kw["metadata"].get("slide_id") for _, kw, _ in tuples}
+    for layer in [lay for sid in slide_ids for lay in prediction_layers_in(viewer, sid)]:
+        viewer.layers.remove(layer)
+    added = []
+    for data, kwargs, kind in tuples:
+        if prediction is not None:
+            kwargs["metadata"]["dismm_prediction"] = prediction
+        layer = Layer.create(data, kwargs, kind)
+        if isinstance(layer, Image) and layer.visible and layer.metadata.get("dismm_kind") == "attention":
+            layer.colorbar.visible = True
+        added.append(viewer.add_layer(layer))
+    return added
+
+
+def add_prediction_layers(viewer, prediction, *, normalisation: str = "percentile", smoothing: float = 0.0,
+                          magnification: str | None = None) -> list[Layer]:
+    """Build and add the overlay layers of ``prediction`` (the benchmarked path)."""
+    tuples = prediction_layer_data(prediction, normalisation=normalisation, smoothing=smoothing,
+                                   magnification=magnification)
+    return add_layer_tuples(viewer, tuples, prediction=prediction)
+
+
+def restyle_attention(layers, *, normalisation: str, smoothing: float, opacity: float | None = None) -> None:
+    """Recompute attention layers' display values from their raw grids (small, so instant)."""
+    for layer in layers:
+        if layer.metadata.get("dismm_kind") == "attention":
+            data, limits = display_grid(layer.metadata["raw"], normalisation=normalisation, smoothing=smoothing)
+            layer.data = data
+            layer.contrast_limits = limits
+            layer.metadata.update(normalisation=normalisation, smoothing=float(smoothing))
+        if opacity is not None and layer.metadata.get("dismm_kind") in ("attention", "ita"):
+            layer.opacity = opacity
+
+
+def _available(prediction, magnification: str | None, notes: list[str]) -> str | None:
+    """A magnification the prediction lacks falls back to its finest, with a note."""
+    if magnification in (None, "all") or magnification in set(prediction.patches["magnification"]):
+        return magnification
+    notes.append(f"the prediction has no {magnification} patches; showing its finest magnification")
+    return None
+
+
+def _batch_size(device: str) -> int:
+    import torch
+
+    on_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    return GPU_BATCH_SIZE if on_gpu else CPU_BATCH_SIZE
+
+
+# ---------------------------------------------------------------- the widget
+
+
+class PredictionWidget(Container):
+    """Slide layer + model directory + device -> Run / Cancel -> overlay layers and a panel."""
+
+    def __init__(self, napari_viewer) -> None:
+        super().__init__(labels=True)
+        self.viewer = napari_viewer
+        self.slide = ComboBox(label="slide", choices=self._slide_choices, nullable=True)
+        self.model_dir = FileEdit(label="model", mode="d", value="")
+        self.demo = CheckBox(text="use the demo model", value=False)
+        self.device = ComboBox(label="device", choices=["auto", "cpu", "cuda"], value="auto")
+        self.run_button = PushButton(text="Run")
+        self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.status = Label(value="")
+        self.magnification = ComboBox(label="magnification", choices=list(MAGNIFICATION_CHOICES), value="finest")
+        self.normalisation = ComboBox(label="normalise", choices=list(NORMALISATIONS), value="percentile")
+        self.smoothing = FloatSlider(label="smoothing", min=0.0, max=5.0, step=0.25, value=0.0)
+        self.opacity = FloatSlider(label="opacity", min=0.0, max=1.0, step=0.05, value=0.6)
+        self.open_button = PushButton(text="Open bundle…")
+        self.export_button = PushButton(text="Export bundle…")
+        self.png_button = PushButton(text="Save view as PNG…")
+        self.extend([
+            self.slide, self.model_dir, self.demo, self.device, self.run_button, self.cancel_button, self.status,
+            self.magnification, self.normalisation, self.smoothing, self.opacity,
+            self.open_button, self.export_button, self.png_button,
+        ])
+        self.panel = PredictionPanel()
+        self.native.layout().addWidget(self.panel)
+
+        self.prediction = None
+        self._worker = None
+        self._cancel = threading.Event()
+        self._progress_state: tuple[str, float] = ("starting", 0.0)
+        self._progress_bar = None
+        self._cancelled_at: float | None = None
+        self._timer = QTimer()
+        self._timer.setInterval(100)
+        self._timer.timeout.connect(self._show_progress)
+
+        self.run_button.changed.connect(self.run)
+        self.cancel_button.changed.connect(self.cancel)
+        self.demo.changed.connect(lambda on: setattr(self.model_dir, "enabled", not on))
+        for control in (self.normalisation, self.smoothing, self.opacity):
+            control.changed.connect(self._restyle)
+        self.magnification.changed.connect(self._rebuild)
+        self.open_button.changed.connect(self._ask_open_bundle)
+        self.export_button.changed.connect(self._ask_export_bundle)
+        self.png_button.changed.connect(self._ask_save_png)
+        self.viewer.layers.events.inserted.connect(self._layers_changed)
+        self.viewer.layers.events.removed.connect(self._layers_changed)
+        self._layers_changed()
+
+    # -- slide choice
+
+    def _slide_choices(self, _widget=None) -> list[tuple[str, Any]]:
+        return [(layer.name, layer) for layer in self.viewer.layers
+                if isinstance(layer, Image) and layer.metadata.get("dismm_kind") == "slide"]
+
+    def _layers_changed(self, event=None) -> None:
+        self.slide.reset_choices()
+        inserted = getattr(event, "value", None)
+        if event is not None and event.type == "inserted":
+            prediction = getattr(inserted, "metadata", {}).get("dismm_prediction")
+            if prediction is not None and prediction is not self.prediction:  # a bundle opened by the reader
+                self.prediction = prediction
+                self.panel.show_prediction(prediction)
+
+    # -- running
+
+    @property
+    def running(self) -> bool:
+        return self._worker is not None
+
+    def run(self, *_args) -> bool:
+        """Start a prediction on the chosen slide; False (with a message) when refused."""
+        if self.running:
+            show_warning("a prediction is already running: wait for it or press Cancel")
+            return False
+        layer = self.slide.value
+        if layer is None:
+            show_error("choose a slide layer first (open a slide with the DisMM reader)")
+            return False
+        if self.demo.value:
+            model: str | Path = "demo"
+        else:
+            model = Path(self.model_dir.value)
+            if str(self.model_dir.value) in ("", ".") or not (model / "config.json").is_file():
+                given = str(self.model_dir.value) or "nothing"
+                show_error(f"choose a model directory holding config.json (got {given})")
+                return False
+        self._cancel = threading.Event()
+        self._progress_state = ("starting", 0.0)
+        self._worker = self._make_worker(
+            slide_path=layer.metadata["slide_path"], model=model, device=self.device.value,
+            normalisation=self.normalisation.value, smoothing=float(self.smoothing.value),
+            magnification=self._magnification(),
+        )
+        from napari.utils import progress
+
+        self._progress_bar = progress(total=100, desc="DisMM prediction")
+        self.run_button.enabled = False
+        self.cancel_button.enabled = True
+        self.status.value = "running…"
+        self._timer.start()
+        self._worker.start()
+        return True
+
+    def _make_worker(self, **kwargs):
+        """A worker returning ("done", (prediction, tuples, notes)), ("cancelled", None) or
+        ("failed", message): expected outcomes are results, not exceptions, so napari does
+        not also pop up a traceback for a user's mistake. Only bugs raise."""
+        from napari.qt.threading import thread_worker
+
+        cancel = self._cancel
+
+        reports = self.reports = []
+        notes: list[str] = []  # shown by the main thread
+
+        def report(stage: str, fraction: float) -> None:
+            self._progress_state = (stage, float(fraction))
+            reports.append((time.perf_counter(), stage, float(fraction)))
+
+        def job(*, slide_path, model, device, normalisation, smoothing, magnification):
+            from napari_dismm.predict import Cancelled, predict_slide
+
+            try:
+                prediction = predict_slide(slide_path=slide_path, model_dir=model, device=device,
+                                           batch_size=_batch_size(device), progress=report, cancel=cancel.is_set)
+                if cancel.is_set():
+                    raise Cancelled("prediction cancelled")
+                tuples = prediction_layer_data(prediction, normalisation=normalisation, smoothing=smoothing,
+                                               magnification=_available(prediction, magnification, notes))
+            except Cancelled:
+                self._cancelled_at = time.perf_counter()
+                return "cancelled", None
+            except DismmError as error:
+                return "failed", str(error)
+            return "done", (prediction, tuples, notes)
+
+        return thread_worker(job, start_thread=False, connect={
+            "returned": self._on_returned, "errored": self._on_errored, "finished": self._on_finished,
+        })(**kwargs)
+
+    def cancel(self, *_args) -> None:
+        if not self.running:
+            return
+        self._cancel.set()
+        self.status.value = "cancelling…"
+        self.cancel_button.enabled = False
+
+    def _show_progress(self) -> None:
+        stage, fraction = self._progress_state
+        # encoding is most of the work: features 0-90 %, the model the rest
+        overall = {"features": 0.0, "encode": 0.9 * fraction, "model": 0.9 + 0.1 * fraction}.get(stage, 0.0)
+        if stage == "features" and fraction >= 1.0:
+            overall = 0.9
+        bar = self._progress_bar
+        if bar is not None:
+            bar.n = int(round(100 * overall))
+            bar.set_description(f"DisMM: {stage}")
+            bar.refresh()
+        if self.running and not self._cancel.is_set():
+            self.status.value = f"{stage} {100 * overall:.0f} %"
+
+    def _on_returned(self, result) -> None:
+        self._timer.stop()  # no late progress tick may overwrite the outcome
+        outcome, payload = result
+        if outcome == "cancelled":
+            self.status.value = "cancelled"
+            show_info("prediction cancelled")
+            return
+        if outcome == "failed":
+            self.status.value = "failed"
+            show_error(payload)
+            return
+        prediction, tuples, notes = payload
+        for note in notes:
+            show_warning(note)
+        try:
+            self._show(prediction, tuples)
+        except DismmError as error:
+            self.status.value = "failed"
+            show_error(str(error))
+            return
+        done = prediction.predicted_class if prediction.task != "survival" else f"risk {prediction.risk:.3f}"
+        self.status.value = f"done: {done}"
+
+    def _on_errored(self, error: Exception) -> None:
+        """A bug (napari already shows its traceback): keep the widget usable."""
+        self._timer.stop()
+        self.status.value = f"failed: {type(error).__name__}"
+
+    def _on_finished(self) -> None:
+        self._timer.stop()
+        if self._progress_bar is not None:
+            self._progress_bar.close()
+            self._progress_bar = None
+        self._worker = None
+        self.run_button.enabled = True
+        self.cancel_button.enabled = False
+
+    # -- showing results
+
+    def _show(self, prediction, tuples) -> list[Layer]:
+        self.prediction = prediction
+        layers = add_layer_tuples(self.viewer, tuples, prediction=prediction)
+        opacity = float(self.opacity.value)
+        for layer in layers:
+            if layer.metadata.get("dismm_kind") == "attention":
+                layer.opacity = opacity
+        self.panel.show_prediction(prediction)
+        return layers
+
+    def show_prediction(self, prediction) -> list[Layer]:
+        """Add the overlays of an existing `Prediction` with the current display settings."""
+        notes: list[str] = []
+        tuples = prediction_layer_data(prediction, normalisation=self.normalisation.value,
+                                       smoothing=float(self.smoothing.value),
+                                       magnification=_available(prediction, self._magnification(), notes))
+        for note in notes:
+            show_warning(note)
+        return self._show(prediction, tuples)
+
+    def _magnification(self) -> str | None:
+        value = self.magnification.value
+        return None if value == "finest" else value
+
+    def _rebuild(self, *_args) -> None:
+        if self.prediction is not None:
+            try:
+                self.show_prediction(self.prediction)
+            except DismmError as error:
+                show_error(str(error))
+
+    def _restyle(self, *_args) -> None:
+        try:
+            restyle_attention(prediction_layers_in(self.viewer), normalisation=self.normalisation.value,
+                              smoothing=float(self.smoothing.value), opacity=float(self.opacity.value))
+        except DismmError as error:
+            show_error(str(error))
+
+    # -- bundles and export
+
+    def open_bundle(self, path: str | Path) -> list[Layer]:
+        """Show a bundle's prediction, refusing one computed from another slide than the chosen one."""
+        from napari_dismm.bundle import read_bundle
+        from napari_dismm.predict import check_bundle_matches_slide
+
+        try:
+            prediction = read_bundle(path)
+            layer = self.slide.value
+            if layer is not None:
+                check_bundle_matches_slide(prediction, layer.metadata.get("slide_id"))
+            return self.show_prediction(prediction)
+        except DismmError as error:
+            show_error(str(error))
+            return []
+
+    def export_bundle(self, path: str | Path) -> Path | None:
+        """Write the shown prediction as a bundle (prediction.json, patches.csv, attention.geojson)."""
+        if self.prediction is None:
+            show_error("nothing to export: run a prediction or open a bundle first")
+            return None
+        from napari_dismm.bundle import write_bundle
+
+        try:
+            out = write_bundle(self.prediction, path)
+        except (DismmError, OSError) as error:
+            show_error(f"export failed: {error}")
+            return None
+        show_info(f"prediction written to {out}")
+        return out
+
+    def save_png(self, path: str | Path) -> Path | None:
+        """A PNG of the current view (canvas only, as on screen)."""
+        path = Path(path)
+        if path.suffix.lower() != ".png":
+            path = path.with_suffix(".png")
+        try:
+            self.viewer.screenshot(path=str(path), canvas_only=True, flash=False)
+        except OSError as error:
+            show_error(f"could not save {path}: {error}")
+            return None
+        return path
+
+    def _ask_open_bundle(self, *_args) -> None:
+        from qtpy.QtWidgets import QFileDialog
+
+        folder = QFileDialog.getExistingDirectory(self.native, "Open a DisMM prediction bundle")
+        if folder:
+            self.open_bundle(folder)
+
+    def _ask_export_bundle(self, *_args) -> None:
+        from qtpy.QtWidgets import QFileDialog
+
+        folder = QFileDialog.getExistingDirectory(self.native, "Export the prediction into a folder")
+        if folder:
+            self.export_bundle(folder)
+
+    def _ask_save_png(self, *_args) -> None:
+        from qtpy.QtWidgets import QFileDialog
+
+        path, _ = QFileDialog.getSaveFileName(self.native, "Save the view as PNG", "view.png", "PNG (*.png)")
+        if path:
+            self.save_png(path)

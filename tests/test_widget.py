@@ -1,0 +1,227 @@
+"""The DisMM widget in a real viewer under Xvfb: run a random-init student on a generated
+slide, wait for the layers, look at them and at the screenshot; cancel, refuse, fail cleanly."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from napari_dismm.bundle import is_bundle_dir, read_bundle, write_bundle
+from napari_dismm.model.checkpoint import save_model
+from napari_dismm.model.registry import build_model
+from napari_dismm.slide import write_sample_slide
+
+pytestmark = pytest.mark.gui
+
+MPP = 0.25  # 20x patches span 448 level-0 px, 10x patches 896
+CLASSES = ["tumor-rich", "stroma-rich", "immune-rich"]
+
+
+def save_student(directory: Path, *, d_in: int = 1280, seed: int = 0) -> Path:
+    config = {"kind": "student", "task": "classification", "n_outputs": 3, "d_in": d_in, "d": 32,
+              "magnifications": ("10x", "20x"), "n_heads": 2, "n_anchors": 64, "n_candidates": 64}
+    torch.manual_seed(seed)
+    save_model(build_model(config), directory, extra={
+        "encoder": "efficientnet-lite0", "magnifications": ["10x", "20x"], "class_names": CLASSES,
+        "trained_for": "3-class widget test"})
+    return directory
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("widget")
+    small = write_sample_slide(root / "small.tif", width=3000, height=2500, mpp=MPP, seed=7)
+    large = write_sample_slide(root / "large.tif", width=6000, height=5000, mpp=MPP, seed=8)
+    blank = root / "blank.tif"
+    tifffile.imwrite(blank, np.full((1500, 2000, 3), 242, np.uint8), photometric="rgb", tile=(256, 256),
+                     resolution=(4e4, 4e4), resolutionunit="CENTIMETER", metadata=None)
+    return {"small": small.path, "large": large.path, "blank": blank, "model": save_student(root / "student"),
+            "wrong_model": save_student(root / "wrong", d_in=1024), "root": root}
+
+
+@pytest.fixture
+def messages(monkeypatch) -> dict[str, list[str]]:
+    """Notifications the widget shows, by kind (napari's own popups still happen)."""
+    from napari_dismm.viewer import widget as module
+
+    out: dict[str, list[str]] = {"error": [], "warning": [], "info": []}
+    for kind in out:
+        monkeypatch.setattr(module, f"show_{kind}", out[kind].append)
+    return out
+
+
+@pytest.fixture
+def setup(make_napari_viewer, files, tmp_path, monkeypatch):
+    from napari_dismm.viewer.widget import PredictionWidget
+
+    monkeypatch.setenv("NAPARI_DISMM_CACHE", str(tmp_path / "cache"))  # no feature reuse between tests
+    viewer = make_napari_viewer(show=True)
+
+    def make(slide: str = "small", model: str = "model"):
+        viewer.open(str(files[slide]), plugin="napari-dismm")
+        widget = PredictionWidget(viewer)
+        viewer.window.add_dock_widget(widget, name="DisMM")
+        widget.slide.value = viewer.layers[files[slide].name]
+        widget.model_dir.value = files[model]
+        widget.device.value = "cpu"
+        return viewer, widget
+
+    return make
+
+
+def _wait_done(qtbot, widget, timeout_s: float = 180) -> None:
+    qtbot.waitUntil(lambda: not widget.running, timeout=int(timeout_s * 1000))
+
+
+def _overlay_pixels(viewer, layer) -> float:
+    """Mean absolute screenshot difference with the layer shown vs hidden."""
+    layer.visible = True
+    shown = viewer.screenshot(canvas_only=True, flash=False)[..., :3].astype(float)
+    layer.visible = False
+    hidden = viewer.screenshot(canvas_only=True, flash=False)[..., :3].astype(float)
+    layer.visible = True
+    return float(np.abs(shown - hidden).mean()), shown
+
+
+def test_run_adds_layers_panel_and_exports(setup, qtbot, messages, tmp_path):
+    viewer, widget = setup()
+    assert widget.run()
+    _wait_done(qtbot, widget)
+    assert not messages["error"], messages["error"]
+    names = [layer.name for layer in viewer.layers]
+    assert names[0] == "small.tif"
+    for name in ("tissue", "tumor attention 20x", "TME attention 20x", "ITA tokens 20x", "ITA centres 20x", "patches"):
+        assert name in names, names
+    pred = widget.prediction
+    assert pred.slide_id == viewer.layers["small.tif"].metadata["slide_id"]
+    tumor = viewer.layers["tumor attention 20x"]
+    np.testing.assert_allclose(tumor.scale, (448 * MPP, 448 * MPP))
+    # raw grid values are the patch attention, cell by cell
+    rows = pred.patches[pred.patches.magnification == "20x"]
+    x0, y0 = tumor.metadata["grid_origin"]
+    raw = tumor.metadata["raw"]
+    np.testing.assert_allclose(raw[(rows.y - y0) // 448, (rows.x - x0) // 448], rows.tumor_attention, rtol=1e-5)
+    assert np.isnan(raw).sum() == raw.size - len(rows)
+    # a cell's world centre maps back to the patch's level-0 centre on the slide layer
+    first = rows.iloc[0]
+    cell = ((first.y - y0) // 448, (first.x - x0) // 448)
+    on_slide = viewer.layers["small.tif"].world_to_data(tumor.data_to_world(cell))
+    np.testing.assert_allclose(on_slide, (first.y + 224 - 0.5, first.x + 224 - 0.5), atol=1e-6)
+    points = viewer.layers["patches"]
+    assert len(points.data) == len(rows) and {"tumor_attention", "tme_attention"} <= set(points.features)
+    # panel: the probabilities and the note
+    assert pred.predicted_class in widget.panel.summary.text()
+    assert "not evidence" in widget.panel.note.text()
+    assert len(widget.panel.figure.axes[0].patches) == len(CLASSES)
+    # display controls restyle the existing layer
+    widget.normalisation.value = "raw"
+    assert tumor.contrast_limits[1] == pytest.approx(float(np.nanmax(raw)), rel=1e-5)
+    widget.normalisation.value = "percentile"
+    widget.smoothing.value = 1.0
+    assert np.nanmax(tumor.data) <= 1.0 and np.isnan(tumor.data).sum() == np.isnan(raw).sum()
+    widget.opacity.value = 0.9
+    assert tumor.opacity == pytest.approx(0.9)
+    # the screenshot is not blank and the overlay changes it
+    viewer.reset_view()
+    diff, shot = _overlay_pixels(viewer, tumor)
+    assert shot.std() > 10
+    assert diff > 2.0, diff
+    # export: bundle and PNG
+    out = widget.export_bundle(tmp_path / "bundle")
+    assert out is not None and is_bundle_dir(out) and read_bundle(out) == pred
+    png = widget.save_png(tmp_path / "view")
+    assert png.suffix == ".png" and png.stat().st_size > 1000
+    # a second run replaces the layers instead of stacking them
+    assert widget.run()
+    _wait_done(qtbot, widget)
+    assert [layer.name for layer in viewer.layers].count("tumor attention 20x") == 1
+
+
+def test_cancel_mid_run_and_second_run_refused(setup, qtbot, messages):
+    viewer, widget = setup("large")
+    n_layers = len(viewer.layers)
+    assert widget.run()
+    # well into encoding (the first batches also warm the encoder up)
+    qtbot.waitUntil(lambda: widget._progress_state[0] == "encode" and widget._progress_state[1] > 0.1,
+                    timeout=120_000)
+    assert widget.running
+    assert widget.run() is False
+    assert messages["warning"] and "already running" in messages["warning"][0]
+    t0 = time.perf_counter()
+    widget.cancel()
+    _wait_done(qtbot, widget, timeout_s=10)
+    stopped = time.perf_counter() - t0
+    # cancel is polled once per batch of patches read and encoded: the bound is 1 s, or on a
+    # loaded (shared) machine where a batch takes longer than that, the longest batch seen + 20 %
+    times = [t for t, stage, _ in widget.reports if stage == "encode"]
+    gaps = np.diff(times)
+    print(f"cancel: worker stopped after {widget._cancelled_at - t0:.2f} s, widget idle after {stopped:.2f} s; "
+          f"batches take {np.median(gaps):.2f} s (max {gaps.max():.2f} s) here")
+    assert stopped < max(1.0, 1.2 * gaps.max()), f"cancel took {stopped:.2f} s (longest batch {gaps.max():.2f} s)"
+    assert widget.status.value == "cancelled" and messages["info"] == ["prediction cancelled"]
+    assert len(viewer.layers) == n_layers and not messages["error"]
+    assert widget.run_button.enabled
+
+
+@pytest.mark.parametrize(("slide", "model", "expected"), [
+    ("small", "wrong_model", "model expects efficientnet-lite0 features (1024-d)"),
+    ("blank", "model", "no tissue found"),
+])
+def test_bad_input_is_one_clear_message(setup, qtbot, messages, slide, model, expected):
+    viewer, widget = setup(slide, model)
+    assert widget.run()
+    _wait_done(qtbot, widget)
+    assert len(messages["error"]) == 1 and expected in messages["error"][0], messages["error"]
+    assert "\n" not in messages["error"][0]
+    assert widget.status.value == "failed" and widget.run_button.enabled
+    assert [layer.name for layer in viewer.layers] == [f"{slide}.tif"]
+
+
+def test_refusals_without_a_worker(setup, messages, tmp_path):
+    viewer, widget = setup()
+    widget.model_dir.value = tmp_path  # no config.json
+    assert widget.run() is False and "config.json" in messages["error"][-1]
+    widget.slide.value = None
+    assert widget.run() is False and "choose a slide layer" in messages["error"][-1]
+    assert widget.export_bundle(tmp_path / "x") is None and "nothing to export" in messages["error"][-1]
+    assert not widget.running
+
+
+def test_bundle_from_another_slide_is_refused(setup, messages, files, tmp_path):
+    from tests.test_prediction_layers import make_prediction, patch_table
+
+    viewer, widget = setup()
+    pred = make_prediction(patch_table([{"x": 0, "y": 0, "width": 448, "height": 448, "tumor_attention": 1.0}]),
+                           slide_id="dismm-sha256:other")
+    bundle = write_bundle(pred, tmp_path / "other")
+    assert widget.open_bundle(bundle) == []
+    assert "bundle is for slide dismm-sha256:other" in messages["error"][-1]
+    assert [layer.name for layer in viewer.layers] == ["small.tif"]
+    # the same bundle, re-labelled for the slide on screen, opens
+    pred.slide_id = viewer.layers["small.tif"].metadata["slide_id"]
+    layers = widget.open_bundle(write_bundle(pred, tmp_path / "mine"))
+    assert "tumor attention 20x" in [layer.name for layer in layers]
+    assert widget.prediction is not None and "b" in widget.panel.summary.text()
+
+
+def test_reader_tuples_add_and_fill_the_panel(setup, tmp_path):
+    """Layers from `read_bundle_layers` (what the reader returns) carry the prediction, so a
+    docked widget shows its panel when they are added."""
+    from napari.layers import Layer
+
+    from napari_dismm.viewer.bundle_reader import read_bundle_layers
+    from tests.test_prediction_layers import make_prediction, patch_table
+
+    viewer, widget = setup()
+    pred = make_prediction(patch_table([{"x": 0, "y": 0, "width": 448, "height": 448, "tumor_attention": 1.0}]),
+                           task="survival")
+    tuples = read_bundle_layers(write_bundle(pred, tmp_path / "b"))
+    for data, kwargs, kind in tuples:
+        viewer.add_layer(Layer.create(data, kwargs, kind))
+    assert widget.prediction is not None and "risk -2.100" in widget.panel.summary.text()
+    assert widget.panel.figure.axes[0].get_ylabel() == "S(t)"
