@@ -7,6 +7,10 @@ level pixel i samples level-0 position (i + 0.5) * downsample.
 Tissue classes: 0 background, 1 tumor (dense large dark-purple nuclei on purple-pink
 cytoplasm), 2 stroma (pink fibres, sparse elongated nuclei), 3 immune (packed small round
 very dark nuclei). Region boundaries are ellipses perturbed by smooth value noise.
+
+`Appearance` changes how tumor nuclei look and how many lymphocytes infiltrate the
+stroma, so hidden patient states can be made visible; its defaults are the original look
+(the default sample slide is byte-identical with or without it).
 """
 
 from __future__ import annotations
@@ -28,6 +32,45 @@ _NUCLEI = {
 
 
 @dataclass(frozen=True)
+class Appearance:
+    """Per-slide look. Tumor: nucleus radius and cell spacing multipliers, presence
+    probability, darkness (-1 paler .. 0 default .. +1 darker) and pleomorphism (relative
+    spread of nucleus sizes). ``lymph_infiltration``: probability of a lymphocyte per
+    immune-cell slot in stroma, gathered into clusters of ``lymph_cluster_um``."""
+
+    tumor_nucleus_scale: float = 1.0
+    tumor_cell_scale: float = 1.0
+    tumor_presence: float = 0.92
+    tumor_darkness: float = 0.0
+    tumor_pleomorphism: float = 0.4
+    lymph_infiltration: float = 0.0
+    lymph_cluster_um: float = 60.0
+
+    def is_default(self) -> bool:
+        return self == Appearance()
+
+
+_DARK_TUMOR, _PALE_TUMOR = (45, 20, 90), (160, 120, 185)
+
+
+def _tumor_colour(app: Appearance) -> tuple[float, float, float]:
+    base, d = np.asarray(_NUCLEI[1][4], np.float64), app.tumor_darkness
+    if d == 0:
+        return _NUCLEI[1][4]
+    other = np.asarray(_DARK_TUMOR if d > 0 else _PALE_TUMOR, np.float64)
+    return tuple(base + min(abs(d), 1.0) * (other - base))
+
+
+def _nucleus_spec(app: Appearance, label: int) -> tuple[float, float, float, float, tuple, float]:
+    """(cell µm, radius along, radius across, presence, RGB, pleomorphism) of one class."""
+    cell, ra, rb, prob, colour = _NUCLEI[label]
+    if label != 1 or app.is_default():
+        return cell, ra, rb, prob, colour, 0.4
+    s = app.tumor_nucleus_scale
+    return cell * app.tumor_cell_scale, ra * s, rb * s, app.tumor_presence, _tumor_colour(app), app.tumor_pleomorphism
+
+
+@dataclass(frozen=True)
 class Layout:
     """Planted regions: rows of (cx, cy, a, b, theta, label) in level-0 pixels, painted in
     order (later rows win); markers are (x, y, size) green squares for alignment checks."""
@@ -37,6 +80,7 @@ class Layout:
     seed: int
     noise_amp: float = 0.18
     markers: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))
+    appearance: Appearance = field(default_factory=Appearance)
 
 
 def _hash01(ix: np.ndarray, iy: np.ndarray, seed: int, salt: int) -> np.ndarray:
@@ -115,15 +159,31 @@ def touches_content(layout: Layout, x0: float, y0: float, x1: float, y1: float) 
     return False
 
 
-def _nucleus_coverage(layout: Layout, label: int, xs: np.ndarray, ys: np.ndarray, ds: float) -> np.ndarray:
+def _cluster_field(layout: Layout, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Where infiltrating lymphocytes gather: 0 outside clusters, up to 1 inside."""
+    scale = layout.appearance.lymph_cluster_um / layout.mpp
+    return np.clip(2.0 * value_noise(x, y, scale=scale, seed=layout.seed, salt=200), 0, 1).astype(np.float32)
+
+
+def _nucleus_coverage(
+    layout: Layout, label: int, xs: np.ndarray, ys: np.ndarray, ds: float, *, infiltrate: bool = False
+) -> np.ndarray:
     """Per-pixel nucleus coverage in [0, 1] for one class: stamped nuclei when they span a
-    few pixels, their mean coverage (density x area) when they are sub-pixel."""
-    cell_um, ra_um, rb_um, prob, _ = _NUCLEI[label]
+    few pixels, their mean coverage (density x area) when they are sub-pixel.
+    ``infiltrate``: lymphocytes (class 3 nuclei) scattered in clusters over stroma."""
+    if infiltrate:
+        cell_um, ra_um, rb_um, _, _ = _NUCLEI[3]
+        prob, spread, owner, salt = layout.appearance.lymph_infiltration, 0.4, 2, 50
+    else:
+        cell_um, ra_um, rb_um, prob, _, spread = _nucleus_spec(layout.appearance, label)
+        owner, salt = label, 10 * label
     cell, ra, rb = cell_um / layout.mpp, ra_um / layout.mpp, rb_um / layout.mpp
     h, w = len(ys), len(xs)
     if rb / ds < 1.5:
         mean = prob * np.pi * ra * rb / cell**2
-        grain = value_noise(xs[None, :], ys[:, None], scale=cell * 1.5, seed=layout.seed, salt=100 + label)
+        grain = value_noise(xs[None, :], ys[:, None], scale=cell * 1.5, seed=layout.seed, salt=100 + salt // 10)
+        if infiltrate:
+            grain = grain + 2 * _cluster_field(layout, xs[None, :], ys[:, None]) - 1
         return np.clip(mean * (1 + 0.5 * grain), 0, 1).astype(np.float32)
     cov = np.zeros((h, w), dtype=np.float32)
     margin = ra + cell
@@ -131,16 +191,18 @@ def _nucleus_coverage(layout: Layout, label: int, xs: np.ndarray, ys: np.ndarray
     gy = np.arange(np.floor((ys[0] - margin) / cell), np.floor((ys[-1] + margin) / cell) + 1)
     ix, iy = np.meshgrid(gx, gy)
     ix, iy = ix.ravel(), iy.ravel()
-    keep = _hash01(ix, iy, layout.seed, 10 * label) < prob
+    keep = _hash01(ix, iy, layout.seed, salt) < prob
     ix, iy = ix[keep], iy[keep]
-    cx = (ix + 0.15 + 0.7 * _hash01(ix, iy, layout.seed, 10 * label + 1)) * cell
-    cy = (iy + 0.15 + 0.7 * _hash01(ix, iy, layout.seed, 10 * label + 2)) * cell
-    size = 0.8 + 0.4 * _hash01(ix, iy, layout.seed, 10 * label + 3)
-    if label == 2:  # stroma nuclei follow the fibres
+    cx = (ix + 0.15 + 0.7 * _hash01(ix, iy, layout.seed, salt + 1)) * cell
+    cy = (iy + 0.15 + 0.7 * _hash01(ix, iy, layout.seed, salt + 2)) * cell
+    size = (1 - spread / 2) + spread * _hash01(ix, iy, layout.seed, salt + 3)
+    if label == 2 and not infiltrate:  # stroma nuclei follow the fibres
         theta = np.pi * value_noise(cx, cy, scale=400 / layout.mpp, seed=layout.seed, salt=7)
     else:
-        theta = np.pi * _hash01(ix, iy, layout.seed, 10 * label + 4)
-    own = labels_at(layout, cx, cy) == label
+        theta = np.pi * _hash01(ix, iy, layout.seed, salt + 4)
+    own = labels_at(layout, cx, cy) == owner
+    if infiltrate:
+        own &= _hash01(ix, iy, layout.seed, salt + 5) < _cluster_field(layout, cx, cy)
     x0, y0 = xs[0] - 0.5 * ds, ys[0] - 0.5 * ds  # level-0 left/top edge of the pixel grid
     for cxi, cyi, si, ti in zip(cx[own], cy[own], size[own], theta[own], strict=True):
         a_, b_ = ra * si, rb * si
@@ -177,11 +239,15 @@ def render(layout: Layout, xs: np.ndarray, ys: np.ndarray, *, ds: float, rng: np
             fibre = fade + fade * np.sin(np.float32(2 * np.pi) * (phase + warp))
             mix = (fibre * (lab == 2))[..., None]
             img += (np.asarray(_FIBRE, np.float32) - img) * mix
-        for label, (*_, colour) in _NUCLEI.items():
+        for label in _NUCLEI:
             if not present[label]:
                 continue
+            colour = _nucleus_spec(layout.appearance, label)[4]
             cov = _nucleus_coverage(layout, label, xs, ys, ds) * (lab == label)
             img += (np.asarray(colour, np.float32) - img) * cov[..., None]
+            if label == 2 and layout.appearance.lymph_infiltration > 0:
+                cov = _nucleus_coverage(layout, 2, xs, ys, ds, infiltrate=True) * (lab == 2)
+                img += (np.asarray(_NUCLEI[3][4], np.float32) - img) * cov[..., None]
         noise = rng.standard_normal(size=(h, w), dtype=np.float32) * 4.0
         img += (noise * (lab > 0))[..., None]
     for mx, my, size in layout.markers:

@@ -10,6 +10,11 @@ that can only hold background are encoded once and the bytes reused, which makes
 The planted layout is saved beside the slide as ``<path>.regions.npz`` and returned as a
 `SampleSlide`: a low-resolution label map (0 background, 1 tumor, 2 stroma, 3 immune) at a
 known downsample plus exact `labels_at` / `region_mask` helpers.
+
+Optional appearance knobs (`Appearance`, tumor nest size, immune cluster count and size)
+let hidden patient states show in the pixels (`state_appearance`): the rendered synthetic
+cohort of `training.rendered` is built on them. Left at their defaults, the output is
+byte-identical to the generator's first version, so cached samples stay valid.
 """
 
 from __future__ import annotations
@@ -19,13 +24,13 @@ import os
 import tempfile
 import zlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import SlideError
-from ._render import BACKGROUND_RGB, Layout, labels_at, render, touches_content
+from ._render import BACKGROUND_RGB, Appearance, Layout, labels_at, render, touches_content
 
 #: Bump when the rendering or layout changes, so cached samples are regenerated.
 GENERATOR_VERSION = 1
@@ -66,12 +71,48 @@ class SampleSlide:
         return labels_at(self.layout, xs[None, :], ys[:, None]) == label
 
 
+def state_appearance(*, tumor_state: int, tme_state: int, strength: float = 1.0) -> dict:
+    """`write_sample_slide` keyword arguments that make two hidden states visible.
+
+    Tumor high: larger nests of larger, darker, crowded, pleomorphic nuclei; low: smaller
+    nests of small, pale, sparse nuclei. TME hot: many larger immune clusters and lymphocyte
+    clusters infiltrating the stroma; cold: one or two small clusters, no infiltration.
+    ``strength`` in (0, 1] moves from the default look (0) to the full contrast (1): the
+    default sample slide lies between the states, inside the range a cohort spans."""
+    if tumor_state not in (0, 1) or tme_state not in (0, 1):
+        raise SlideError(f"states must be 0 or 1, got tumor {tumor_state}, TME {tme_state}")
+    if not 0 <= strength <= 1:
+        raise SlideError(f"strength must be in [0, 1], got {strength}")
+    t, e = strength * (2 * tumor_state - 1), strength * (2 * tme_state - 1)
+    look = Appearance(
+        tumor_nucleus_scale=1.0 + 0.25 * t,
+        tumor_cell_scale=1.0 - 0.18 * t,
+        tumor_presence=0.92 + (0.06 * t if t > 0 else 0.25 * t),
+        tumor_darkness=0.7 * t,
+        tumor_pleomorphism=0.4 + 0.3 * t,
+        lymph_infiltration=0.55 * max(e, 0.0),
+    )
+    return {
+        "appearance": look,
+        "tumor_size": 1.0 + 0.3 * t,
+        "immune_clusters": (4, 6) if e > 0 else (1, 2) if e < 0 else (2, 4),
+        "immune_size": 1.0 + 0.6 * e,
+    }
+
+
 def sidecar_path(path: str | os.PathLike) -> Path:
     return Path(f"{os.fspath(path)}.regions.npz")
 
 
-def make_layout(*, width: int, height: int, mpp: float, seed: int, tissue_fraction: float, markers=()) -> Layout:
-    """Random tissue pieces (stroma) holding tumor nests and immune clusters."""
+def make_layout(
+    *, width: int, height: int, mpp: float, seed: int, tissue_fraction: float, markers=(),
+    tumor_size: float = 1.0, immune_clusters: tuple[int, int] = (2, 4), immune_size: float = 1.0,
+    appearance: Appearance | None = None,
+) -> Layout:
+    """Random tissue pieces (stroma) holding tumor nests and immune clusters.
+
+    ``tumor_size`` scales the nests' axes, ``immune_clusters`` is the inclusive range of
+    immune clusters per piece and ``immune_size`` scales their radius."""
     rng = np.random.default_rng(seed)
     n_pieces = 1 if tissue_fraction > 0.3 else int(rng.integers(2, 4))
     total = tissue_fraction * width * height
@@ -91,16 +132,19 @@ def make_layout(*, width: int, height: int, mpp: float, seed: int, tissue_fracti
         rows.append((cx, cy, a, b, theta, 2))
         for _ in range(int(rng.integers(1, 3))):
             off = rng.uniform(-0.35, 0.35, size=2) * (a, b)
-            ta, tb = a * rng.uniform(0.25, 0.4), b * rng.uniform(0.25, 0.4)
+            ta, tb = a * rng.uniform(0.25, 0.4) * tumor_size, b * rng.uniform(0.25, 0.4) * tumor_size
             rows.append((cx + off[0], cy + off[1], ta, tb, rng.uniform(0, np.pi), 1))
-        for _ in range(int(rng.integers(2, 5))):
+        for _ in range(int(rng.integers(immune_clusters[0], immune_clusters[1] + 1))):
             ang = rng.uniform(0, 2 * np.pi)
             rad = rng.uniform(0.45, 0.7)
-            r = min(a, b) * rng.uniform(0.07, 0.12)
+            r = min(a, b) * rng.uniform(0.07, 0.12) * immune_size
             ix, iy = cx + rad * a * np.cos(ang), cy + rad * b * np.sin(ang)
             rows.append((ix, iy, r, r * rng.uniform(0.7, 1), rng.uniform(0, np.pi), 3))
     marker_arr = np.asarray(markers, dtype=np.float64).reshape(-1, 3)
-    return Layout(ellipses=np.asarray(rows, dtype=np.float64), mpp=mpp, seed=seed, markers=marker_arr)
+    return Layout(
+        ellipses=np.asarray(rows, dtype=np.float64), mpp=mpp, seed=seed, markers=marker_arr,
+        appearance=appearance or Appearance(),
+    )
 
 
 def _level_sizes(width: int, height: int, n_levels: int | None) -> list[tuple[int, int]]:
@@ -155,17 +199,32 @@ def write_sample_slide(
     quality: int = 90,
     tissue_fraction: float = 0.45,
     markers: Sequence[tuple[int, int, int]] = (),
+    appearance: Appearance | None = None,
+    tumor_size: float = 1.0,
+    immune_clusters: tuple[int, int] = (2, 4),
+    immune_size: float = 1.0,
 ) -> SampleSlide:
-    """Write a pyramidal H&E-like TIFF and its `.regions.npz` sidecar; returns the truth."""
+    """Write a pyramidal H&E-like TIFF and its `.regions.npz` sidecar; returns the truth.
+
+    ``appearance``, ``tumor_size``, ``immune_clusters`` and ``immune_size`` change the look
+    and the planted layout (see `make_layout`, `state_appearance`); the label map records
+    whatever was planted."""
     import tifffile
 
     if width < 1 or height < 1 or tile % 16 or tile < 16:
         raise SlideError(f"bad sample slide geometry {width}x{height}, tile {tile} (tile must be a multiple of 16)")
     if not 0 < tissue_fraction <= 0.6:
         raise SlideError(f"tissue_fraction must be in (0, 0.6], got {tissue_fraction}")
+    lo, hi = immune_clusters
+    if not (0 <= lo <= hi and 0 < tumor_size <= 2.5 and 0 < immune_size <= 4):
+        raise SlideError(
+            f"bad layout knobs: immune_clusters {immune_clusters} (need 0 <= lo <= hi), "
+            f"tumor_size {tumor_size} (0, 2.5], immune_size {immune_size} (0, 4]"
+        )
     path = Path(path)
     layout = make_layout(
-        width=width, height=height, mpp=mpp, seed=seed, tissue_fraction=tissue_fraction, markers=markers
+        width=width, height=height, mpp=mpp, seed=seed, tissue_fraction=tissue_fraction, markers=markers,
+        tumor_size=tumor_size, immune_clusters=(int(lo), int(hi)), immune_size=immune_size, appearance=appearance,
     )
     sizes = _level_sizes(width, height, n_levels)
     tiff_compression, encode = _encoder(compression, quality)
@@ -191,8 +250,12 @@ def write_sample_slide(
     xs = (np.arange(math.ceil(width / label_ds)) + 0.5) * label_ds
     ys = (np.arange(math.ceil(height / label_ds)) + 0.5) * label_ds
     label_map = labels_at(layout, xs[None, :], ys[:, None])
+    extra = {}
+    if not layout.appearance.is_default():  # default sidecars stay byte-identical
+        extra = {f"appearance_{k}": v for k, v in asdict(layout.appearance).items()}
     np.savez_compressed(
         sidecar_path(path),
+        **extra,
         label_map=label_map,
         label_downsample=label_ds,
         class_names=np.asarray(CLASS_NAMES),
@@ -228,9 +291,10 @@ def load_sample_slide(path: str | os.PathLike) -> SampleSlide:
     if not side.exists():
         raise SlideError(f"no ground-truth sidecar {side.name} beside {Path(path).name}")
     with np.load(side, allow_pickle=False) as z:
+        look = {f.name: float(z[f"appearance_{f.name}"]) for f in fields(Appearance) if f"appearance_{f.name}" in z}
         layout = Layout(
             ellipses=z["ellipses"], mpp=float(z["mpp"]), seed=int(z["seed"]),
-            noise_amp=float(z["noise_amp"]), markers=z["markers"],
+            noise_amp=float(z["noise_amp"]), markers=z["markers"], appearance=Appearance(**look),
         )
         sizes = [tuple(int(v) for v in s) for s in z["level_dimensions"]]
         return _sample(Path(path), layout, sizes, z["label_map"], int(z["label_downsample"]))
