@@ -73,6 +73,11 @@ def test_demo_headless_writes_screenshot(tmp_path):
 
     shot = imread(out / "screenshot.png")
     assert _tissue_fraction(shot) > 0.05
+    from napari_dismm.bundle import read_bundle
+
+    prediction = read_bundle(out / "bundle")
+    assert prediction.model_kind == "student" and len(prediction.patches) > 50
+    assert "predicts" in result.stdout
 
 
 def test_view_command_with_bundle_and_mismatch(tmp_path, cmu_slide_path):

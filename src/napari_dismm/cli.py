@@ -182,26 +182,36 @@ def _stage_printer():
 
 
 def _demo(args: argparse.Namespace) -> int:
+    """The embedded default end to end: the generated sample slide (planted tumor, stroma and
+    immune regions), the shipped demo student, its prediction shown as layers."""
+    from napari_dismm.predict import predict_slide
     from napari_dismm.slide import open_slide
     from napari_dismm.slide.synthetic import sample_slide_path
     from napari_dismm.viewer.app import display_available
 
     started = time.perf_counter()
     print("dismm demo: preparing the generated sample slide ...", file=sys.stderr)
-    slide = open_slide(sample_slide_path())
+    slide_path = sample_slide_path()
+    slide = open_slide(slide_path)
     headless = args.headless or not display_available()
+    out = args.out or Path("dismm-demo")
+    if headless and not args.headless:
+        print(f"dismm demo: no display found; running headless, writing to {out}/", file=sys.stderr)
+    prediction = predict_slide(
+        slide_path=slide_path, model_dir="demo", out_dir=out / "bundle" if headless else None,
+        progress=_stage_printer(),
+    )
+    print(f"dismm demo: the demo model predicts {prediction.predicted_class} "
+          f"(p = {max(prediction.probabilities):.2f}) from {len(prediction.patches)} patch rows")
     if headless:
-        out = args.out or Path("dismm-demo")
-        if not args.headless:
-            print(f"dismm demo: no display found; running headless, writing to {out}/", file=sys.stderr)
         from napari_dismm.viewer.app import headless_screenshot
 
-        shot = headless_screenshot(slide, out_dir=out)
-        print(f"dismm demo: wrote {shot} in {time.perf_counter() - started:.1f} s")
+        shot = headless_screenshot(slide, out_dir=out, prediction=prediction)
+        print(f"dismm demo: wrote {out / 'bundle'} and {shot} in {time.perf_counter() - started:.1f} s")
         return EXIT_OK
     from napari_dismm.viewer.app import show_slide
 
-    show_slide(slide)
+    show_slide(slide, prediction=prediction)
     return EXIT_OK
 
 

@@ -64,9 +64,7 @@ def add_slide(viewer, slide: Slide):
     from napari_dismm.viewer.layers import slide_layer_data
 
     data, kwargs, _ = slide_layer_data(slide)
-    layer = viewer.add_image(data, **kwargs)
-    if slide.info.mpp:
-        viewer.scale_bar.unit = "um"
+    layer = viewer.add_image(data, **kwargs)  # layer units (µm) drive the scale bar
     viewer.reset_view()
     return layer
 
@@ -89,8 +87,10 @@ def add_bundle(widget, slide: Slide, bundle: Path) -> None:
     widget.show_prediction(prediction)
 
 
-def show_slide(slide: Slide, *, bundle: Path | None = None, exit_after_first_frame: bool = False) -> None:
-    """Open a window with the slide (and a bundle's layers) and run the event loop."""
+def show_slide(slide: Slide, *, bundle: Path | None = None, prediction=None,
+               exit_after_first_frame: bool = False) -> None:
+    """Open a window with the slide (and a bundle's or a prediction's layers) and run the
+    event loop until it is closed."""
     import napari
 
     viewer = new_viewer(show=True)
@@ -98,6 +98,8 @@ def show_slide(slide: Slide, *, bundle: Path | None = None, exit_after_first_fra
     widget = dock_prediction_widget(viewer)
     if bundle is not None:
         add_bundle(widget, slide, bundle)
+    if prediction is not None:
+        widget.show_prediction(prediction)
     if exit_after_first_frame:
         _quit_after_first_frame(viewer)
     napari.run()
@@ -119,14 +121,20 @@ def _quit_after_first_frame(viewer) -> None:
     canvas.events.draw.connect(on_draw)
 
 
-def headless_screenshot(slide: Slide, *, out_dir: Path) -> Path:
-    """Render the slide in a shown (virtual-screen) viewer and save a PNG of the canvas."""
+def headless_screenshot(slide: Slide, *, out_dir: Path, prediction=None) -> Path:
+    """Render the slide (and a prediction's overlays) in a shown virtual-screen viewer and
+    save a PNG of the canvas."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with virtual_display():
         viewer = new_viewer(show=True)
         try:
             add_slide(viewer, slide)
+            if prediction is not None:
+                from napari_dismm.viewer.widget import add_prediction_layers
+
+                add_prediction_layers(viewer, prediction)
+                viewer.reset_view()
             image = viewer.screenshot(canvas_only=True, flash=False)
         finally:
             viewer.close()
