@@ -187,6 +187,8 @@ def main() -> None:
             print(f"ratio t({ns[-1]})/t({ns[0]}): wall {rows[-1]['wall_s'] / rows[0]['wall_s']:.1f}, "
                   f"cpu {rows[-1]['cpu_s'] / rows[0]['cpu_s']:.1f}  vs linear {ns[-1] / ns[0]:.1f}")
 
+    if args.dense_n <= 0:  # the dense comparison is optional
+        return
     dense = run_child(["--worker-dense", str(args.dense_n)])
     (t_d, m_d), (t_o, m_o) = dense["dense"], dense["ours"]
     print(f"\nDPC-kNN centre selection on {args.dense_n} tokens of 128-d, same run:")
