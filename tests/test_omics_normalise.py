@@ -141,3 +141,16 @@ def test_vectors_split_tumor_and_tme_end_to_end(tmp_path):
     np.testing.assert_allclose(np.hstack([out["tumor"], out["tme"]]), expected, rtol=1e-5)
     with pytest.raises(DataError, match="tumor and TME"):
         expr.vectors(test, ExpressionNormaliser().fit(expr, ["MKI67"]))
+
+
+def test_round_trip_does_not_depend_on_json_key_order():
+    """A JSON writer that sorts keys (tme before tumor) must not swap the statistics."""
+    rng = np.random.default_rng(0)
+    genes = {"tumor": ["T1", "T2", "T3"], "tme": ["E1", "E2"]}
+    values = np.exp(rng.normal([1, 2, 3, 6, 9], 0.5, size=(20, 5)))
+    data = table([f"P{i}" for i in range(20)], genes["tumor"] + genes["tme"], values)
+    norm = ExpressionNormaliser().fit(data, genes)
+    again = ExpressionNormaliser.from_dict(json.loads(json.dumps(norm.to_dict(), sort_keys=True)))
+    np.testing.assert_allclose(again.transform(data), norm.transform(data), atol=1e-6)
+    vectors = data.vectors([f"P{i}" for i in range(20)], again)
+    assert vectors["tumor"].shape == (20, 3) and abs(vectors["tme"].mean()) < 1e-5

@@ -90,7 +90,7 @@ def save_model(model: nn.Module, directory: str | os.PathLike, *, extra: dict[st
         save_file(state, str(tmp_weights), metadata={"format": "pt"})
         model_id = weights_id(tmp_weights)
         document = {**extra, "model": config_to_dict(model.config), "model_id": model_id, "format_version": FORMAT_VERSION}
-        tmp_config.write_text(json.dumps(_strict(document), indent=2, sort_keys=True, allow_nan=False, default=_jsonable))
+        tmp_config.write_text(json.dumps(_strict(document), indent=2, allow_nan=False, default=_jsonable))
         os.replace(tmp_weights, directory / WEIGHTS)
         os.replace(tmp_config, directory / CONFIG)
     finally:

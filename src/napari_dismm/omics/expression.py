@@ -103,8 +103,11 @@ class ExpressionTable:
         if set(groups) != {"tumor", "tme"}:
             raise DataError("the normaliser was not fitted with tumor and TME gene groups")
         z = normaliser.transform(self.select(patient_ids))
-        n_tumor = len(groups["tumor"])
-        return {"tumor": z[:, :n_tumor], "tme": z[:, n_tumor:]}
+        out, start = {}, 0
+        for name, genes in groups.items():  # transform's columns follow the normaliser's group order
+            out[name] = z[:, start:start + len(genes)]
+            start += len(genes)
+        return {"tumor": out["tumor"], "tme": out["tme"]}
 
 
 # -- reading ----------------------------------------------------------------------------

@@ -159,14 +159,21 @@ class ExpressionNormaliser:
         """Plain JSON: settings, gene groups in order, and float statistics."""
         if not hasattr(self, "mean_"):
             raise RuntimeError("ExpressionNormaliser.to_dict called before fit")
+        # mean/std follow the canonical group order, so reading never depends on how a JSON
+        # writer ordered the keys of "groups" (a sorted dump once swapped tumor and TME stats)
+        offsets, start = {}, 0
+        for name, genes in self.groups_.items():
+            offsets[name] = (start, start + len(genes))
+            start += len(genes)
+        index = np.concatenate([np.arange(*offsets[name]) for name in canonical_group_order(self.groups_)])
         return {
             "format": _FORMAT,
             "version": _VERSION,
             "log1p": self.log1p,
             "min_std": self.min_std,
-            "groups": {name: list(v) for name, v in self.groups_.items()},
-            "mean": [float(v) for v in self.mean_],
-            "std": [float(v) for v in self.std_],
+            "groups": {name: list(self.groups_[name]) for name in canonical_group_order(self.groups_)},
+            "mean": [float(v) for v in self.mean_[index]],
+            "std": [float(v) for v in self.std_[index]],
             "n_samples": self.n_samples_,
         }
 
@@ -186,6 +193,7 @@ class ExpressionNormaliser:
             isinstance(v, list) and all(isinstance(g, str) for g in v) for v in groups.values()
         ):
             raise ModelConfigError("expression normaliser: 'groups' must map names to lists of gene symbols")
+        groups = {name: groups[name] for name in canonical_group_order(groups)}
         genes = [g for v in groups.values() for g in v]
         mean, std = data["mean"], data["std"]
         if not (isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std) == len(genes)):
@@ -205,3 +213,9 @@ class ExpressionNormaliser:
     def __repr__(self) -> str:
         state = f", genes={len(self.genes_)}" if hasattr(self, "genes_") else ""
         return f"ExpressionNormaliser(log1p={self.log1p}, min_std={self.min_std}{state})"
+
+
+def canonical_group_order(groups) -> list[str]:
+    """Tumor first, then TME, then any other group by name: the order of stored statistics."""
+    first = [name for name in ("tumor", "tme") if name in groups]
+    return first + sorted(name for name in groups if name not in ("tumor", "tme"))
