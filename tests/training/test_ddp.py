@@ -79,7 +79,10 @@ def test_two_process_epoch_equals_one_process(tmp_path):
         a = load_file(str(single / fold / "best" / "model.safetensors"))
         b = load_file(str(multi / fold / "best" / "model.safetensors"))
         for key in a:
-            assert torch.allclose(a[key], b[key], atol=1e-5, rtol=0), (k, key, (a[key] - b[key]).abs().max())
+            # gloo sums the two halves' gradients in another order than one process does, and
+            # Adam amplifies those float32 rounding differences on near-zero gradients (seen:
+            # 2.5e-5). A missing or wrong all-reduce moves weights by ~lr = 1e-2 per step.
+            assert torch.allclose(a[key], b[key], atol=2e-4, rtol=0), (k, key, (a[key] - b[key]).abs().max())
         metrics = json.loads((multi / fold / "metrics.json").read_text())["test"]
         assert metrics["c_index"] is not None and 0.0 <= metrics["c_index"] <= 1.0
         state = json.loads((multi / fold / "checkpoint" / "state.json").read_text())
