@@ -47,6 +47,7 @@ class ModelSpec:
     kind: str
     cgc: bool | None = None
     dev_weight: float | None = None
+    subspace_split: bool = True
 
     @property
     def needs_genes(self) -> bool:
@@ -56,7 +57,9 @@ class ModelSpec:
 ABLATIONS = (ModelSpec("teacher_no_cgc", "teacher", cgc=False), ModelSpec("teacher_no_dev", "teacher", dev_weight=0.0))
 KNOWN = {"teacher": ModelSpec("teacher", "teacher"), "student": ModelSpec("student", "student"),
          "abmil": ModelSpec("abmil", "abmil"), "late_fusion": ModelSpec("late_fusion", "late_fusion"),
-         **{a.name: a for a in ABLATIONS}}
+         **{a.name: a for a in ABLATIONS},
+         # not in the default ablations: one gene encoder for both subspaces (issue 7's CKA contrast)
+         "teacher_no_split": ModelSpec("teacher_no_split", "teacher", subspace_split=False)}
 
 
 def plan_models(cfg: TrainConfig, *, models: Sequence[str] | None = None, ablations: bool = False) -> list[ModelSpec]:
@@ -131,7 +134,8 @@ def run_training(
                                              out_dir=fold_dir, name=spec.name, ctx=ctx)
             else:
                 outcome = train_supervised_fold(kind=spec.kind, name=spec.name, setup=setup, out_dir=fold_dir,
-                                                cgc=spec.cgc, dev_weight=spec.dev_weight, ctx=ctx)
+                                                cgc=spec.cgc, dev_weight=spec.dev_weight,
+                                                subspace_split=spec.subspace_split, ctx=ctx)
             shown = ", ".join(f"{m} {v:.3f}" for m, v in outcome.metrics.items() if v is not None)
             say(f"{spec.name} fold {k}: {shown} (best epoch {outcome.best_epoch}/{outcome.epochs_run})")
     summary = collect_summary(out)

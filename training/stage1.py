@@ -110,7 +110,8 @@ def prepare_fold(
     return FoldSetup(cohort, index, data, cfg, d_in, patch, size10, encoder, weights)
 
 
-def model_config(kind: str, setup: FoldSetup, *, cgc: bool = True, dev_weight: float = 1.0) -> dict[str, Any]:
+def model_config(kind: str, setup: FoldSetup, *, cgc: bool = True, dev_weight: float = 1.0,
+                 subspace_split: bool = True) -> dict[str, Any]:
     """The architecture dict of ``kind`` for this fold (n_outputs, widths, genes)."""
     m = setup.cfg.model
     common = {"kind": kind, "task": setup.task, "n_outputs": setup.n_outputs, "d_in": setup.d_in, "d": m.d,
@@ -120,7 +121,8 @@ def model_config(kind: str, setup: FoldSetup, *, cgc: bool = True, dev_weight: f
     match kind:
         case "teacher":
             return {**common, **genes, "dropout": m.dropout, "n_heads": m.n_heads, "cgc": cgc,
-                    "dev_weight": dev_weight, "patch_size_10x_level0": setup.patch_size_10x_level0}
+                    "dev_weight": dev_weight, "patch_size_10x_level0": setup.patch_size_10x_level0,
+                    "subspace_split": subspace_split}
         case "student":
             return {**common, "k": m.k, "knn": m.knn, "n_heads": m.n_heads, "dropout": m.dropout}
         case "abmil":
@@ -171,7 +173,7 @@ class SupervisedObjective:
 
 def train_supervised_fold(
     *, kind: str, name: str, setup: FoldSetup, out_dir: Path, cgc: bool | None = None,
-    dev_weight: float | None = None, ctx: DistContext = SINGLE,
+    dev_weight: float | None = None, subspace_split: bool = True, ctx: DistContext = SINGLE,
 ) -> FoldOutcome:
     """Train the teacher (stage I) or a baseline on one fold; files under ``out_dir``."""
     cfg = setup.cfg
@@ -187,7 +189,7 @@ def train_supervised_fold(
         settings = LoopSettings(b.epochs, b.lr, cfg.teacher.weight_decay, b.patience, cfg.data.batch_size,
                                 cfg.cv.select_on, cfg.cv.seed)
     torch.manual_seed(seed_for(cfg.cv.seed, name, setup.index, "init"))
-    model = build_model(model_config(kind, setup, cgc=cgc, dev_weight=dev_weight))
+    model = build_model(model_config(kind, setup, cgc=cgc, dev_weight=dev_weight, subspace_split=subspace_split))
     objective = SupervisedObjective(model, task=setup.task, class_weights=setup.class_weights,
                                     dev_weight=dev_weight, cgc=cgc,
                                     patch_size_10x_level0=setup.patch_size_10x_level0,

@@ -155,3 +155,18 @@ def test_empty_and_fully_masked_bags_stay_finite(kind):
     assert torch.isfinite(out.logits).all()
     for att in out.attention["20x"].values():
         assert torch.equal(att[1], torch.zeros(3)) and att[0, 2] == 0
+
+
+def test_teacher_without_subspace_split_shares_one_gene_query():
+    """The no-split ablation: one gene encoder over all genes; changing a TME gene moves the
+    tumor attention too (with the split it cannot)."""
+    torch.manual_seed(0)
+    batch = make_batch([10, 14], [25, 30], d_in=D_IN, n_tumor=N_T, n_tme=N_E, seed=1)
+    moved = {"tumor": batch["genes"]["tumor"], "tme": batch["genes"]["tme"] + 1.0}
+    for split in (True, False):
+        model = build("teacher", subspace_split=split).eval()
+        assert set(model.gene_encoders) == ({"tumor", "tme"} if split else {"all"})
+        with torch.no_grad():
+            a = model(batch["bags"], masks=batch["masks"], genes=batch["genes"]).attention["10x"]["tumor"]
+            b = model(batch["bags"], masks=batch["masks"], genes=moved).attention["10x"]["tumor"]
+        assert torch.allclose(a, b) == split

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from napari_dismm.errors import ModelConfigError
@@ -28,7 +29,9 @@ class TeacherConfig:
     ``n_outputs`` is the number of classes (classification) or time bins (survival).
     ``cgc``, ``dev_weight``, ``dev_scale`` and ``patch_size_10x_level0`` are read by the
     training loop (CGC toggle for ablations; DEV loss weight, scale and the 10x patch size
-    in level-0 pixels for pooling onto the 10x grid)."""
+    in level-0 pixels for pooling onto the 10x grid). ``subspace_split=False`` is the
+    ablation without knowledge-driven subspaces: one gene encoder reads all genes and queries
+    both subspaces, so nothing but their own attention weights tells tumor from TME."""
 
     kind: str = "teacher"
     task: str = "classification"
@@ -45,6 +48,7 @@ class TeacherConfig:
     dev_weight: float = 1.0
     dev_scale: float = 1e4
     patch_size_10x_level0: float = 448.0
+    subspace_split: bool = True
 
     def __post_init__(self) -> None:
         validate_common(self)
@@ -62,12 +66,17 @@ class Teacher(nn.Module):
         validate_common(config)
         self.config = config
         d = config.d
-        self.gene_encoders = nn.ModuleDict(
-            {
-                "tumor": SNN(config.n_tumor_genes, d, dropout=config.dropout),
-                "tme": SNN(config.n_tme_genes, d, dropout=config.dropout),
-            }
-        )
+        if config.subspace_split:
+            self.gene_encoders = nn.ModuleDict(
+                {
+                    "tumor": SNN(config.n_tumor_genes, d, dropout=config.dropout),
+                    "tme": SNN(config.n_tme_genes, d, dropout=config.dropout),
+                }
+            )
+        else:
+            self.gene_encoders = nn.ModuleDict(
+                {"all": SNN(config.n_tumor_genes + config.n_tme_genes, d, dropout=config.dropout)}
+            )
         self.embed = nn.ModuleDict(
             {m: PatchEmbedding(config.d_in, d, dropout=config.dropout) for m in config.magnifications}
         )
@@ -96,7 +105,7 @@ class Teacher(nn.Module):
         present = check_bags(bags, masks, magnifications=cfg.magnifications, d_in=cfg.d_in)
         batch = bags[present[0]].shape[0]
         genes = check_genes(genes, widths={"tumor": cfg.n_tumor_genes, "tme": cfg.n_tme_genes}, batch=batch)
-        queries = {u: self.gene_encoders[u](genes[u]) for u in SUBSPACES}
+        queries = self._queries(genes)
         logits, attention, features = {}, {}, {}
         for mag in present:
             tokens = self.embed[mag](bags[mag])
@@ -110,3 +119,10 @@ class Teacher(nn.Module):
             logits=combined, per_magnification_logits=logits, attention=attention, features=features
         )
         return output.fill_derived(self.fusion_heads[present[0]].describe(combined))
+
+    def _queries(self, genes: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Per subspace, the gene embedding that queries the patches."""
+        if self.config.subspace_split:
+            return {u: self.gene_encoders[u](genes[u]) for u in SUBSPACES}
+        shared = self.gene_encoders["all"](torch.cat([genes[u] for u in SUBSPACES], dim=-1))
+        return {u: shared for u in SUBSPACES}
