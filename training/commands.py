@@ -1,4 +1,4 @@
-"""`dismm train`, `dismm evaluate` and `dismm synth`, registered through entry points.
+"""`dismm train`, `dismm evaluate`, `dismm synth` and `dismm inspect`, registered through entry points.
 
 Each ``register_*`` adds one subparser to the `dismm` command and sets its handler
 (args -> exit code). Heavy imports (torch, pandas, the loops) happen inside the handlers,
@@ -51,6 +51,42 @@ def register_synth(subparsers) -> None:
     p.add_argument("--tumor-genes", type=int, default=16, help="tumor genes taken from the shipped sets")
     p.add_argument("--tme-genes", type=int, default=16, help="TME genes taken from the shipped sets")
     p.set_defaults(handler=_synth)
+
+
+def register_inspect(subparsers) -> None:
+    p = subparsers.add_parser(
+        "inspect", help="disentanglement figures of a training run (tumor vs TME CKA, 10x/20x consistency, genes)",
+        description="For each model of RUN_DIR, on each fold's held-out patients: linear CKA and cosine between "
+        "the tumor and TME slide features per magnification, 10x vs 20x attention consistency per slide, "
+        "integrated-gradients gene attribution per subspace (teachers) and a PCA of slide features. Writes "
+        "OUT/*.png and OUT/summary.json. The cohort files are those given to `dismm train`.",
+    )
+    p.add_argument("run_dir", type=Path, help="output directory of `dismm train`")
+    p.add_argument("--out", type=Path, required=True, help="directory for the figures and summary.json")
+    p.add_argument("--cohort", type=Path, required=True, help="the run's cohort CSV")
+    p.add_argument("--expression", type=Path, default=None, help="the run's expression table (needed for teachers)")
+    p.add_argument("--gene-sets", type=Path, default=None, help="the run's GMT (default: shipped)")
+    p.add_argument("--models", nargs="+", default=None, metavar="NAME", help="models to inspect (default: all)")
+    p.add_argument("--ig-steps", type=int, default=8, help="integrated-gradients steps (default 8)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON instead of one line per model")
+    p.set_defaults(handler=_inspect)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from napari_dismm.errors import DataError
+    from training.inspect import headline, inspect_run
+
+    if args.ig_steps < 1:
+        raise DataError(f"--ig-steps must be >= 1, got {args.ig_steps}")
+    summary = inspect_run(args.run_dir, cohort_csv=args.cohort, expression=args.expression, gene_sets=args.gene_sets,
+                          out=args.out, models=args.models, ig_steps=args.ig_steps,
+                          log=lambda msg: print(msg, file=sys.stderr))
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        print(headline(summary))
+        print(f"figures and summary.json in {args.out}")
+    return 0
 
 
 def _train(args: argparse.Namespace) -> int:
