@@ -31,6 +31,7 @@ from training.config import TrainConfig, config_to_toml, load_config
 from training.dataset import BagCache
 from training.ddp import SINGLE, DistContext, barrier
 from training.metrics import summary_json, summary_table
+from training.mirror import MIRROR_MODELS, MirrorSettings, run_mirror_model
 from training.splits import Split, load_or_make_split
 from training.stage1 import FoldSetup, prepare_fold, train_supervised_fold
 from training.stage2 import train_student_fold
@@ -51,7 +52,8 @@ class ModelSpec:
 
     @property
     def needs_genes(self) -> bool:
-        return self.kind != "abmil"
+        """Whether the fold's datasets carry the gene-set vectors (MIRROR builds its own)."""
+        return self.kind not in ("abmil", *MIRROR_MODELS)
 
 
 ABLATIONS = (ModelSpec("teacher_no_cgc", "teacher", cgc=False), ModelSpec("teacher_no_dev", "teacher", dev_weight=0.0))
@@ -59,7 +61,9 @@ KNOWN = {"teacher": ModelSpec("teacher", "teacher"), "student": ModelSpec("stude
          "abmil": ModelSpec("abmil", "abmil"), "late_fusion": ModelSpec("late_fusion", "late_fusion"),
          **{a.name: a for a in ABLATIONS},
          # not in the default ablations: one gene encoder for both subspaces (issue 7's CKA contrast)
-         "teacher_no_split": ModelSpec("teacher_no_split", "teacher", subspace_split=False)}
+         "teacher_no_split": ModelSpec("teacher_no_split", "teacher", subspace_split=False),
+         # the second model family (issue 8): pretrained without labels per fold, then probed
+         **{name: ModelSpec(name, name) for name in MIRROR_MODELS}}
 
 
 def plan_models(cfg: TrainConfig, *, models: Sequence[str] | None = None, ablations: bool = False) -> list[ModelSpec]:
@@ -104,8 +108,12 @@ def run_training(
     folds: Sequence[int] | None = None,
     ctx: DistContext = SINGLE,
     log: Callable[[str], None] | None = print,
+    mirror: MirrorSettings | None = None,
 ) -> dict[str, dict[str, dict[str, Any]]]:
-    """Train every planned model on every fold; returns the summary (``summary.json``)."""
+    """Train every planned model on every fold; returns the summary (``summary.json``).
+
+    ``mirror``: settings of the MIRROR models (``mirror_probe``, ``mirror_fewshot``,
+    ``meanpool_probe``; defaults when None). They run on the main process only."""
     cfg = config if isinstance(config, TrainConfig) else load_config(config)
     out = Path(out)
     cohort = load_cohort(cohort_csv=cohort_csv, expression=expression, gene_sets=gene_sets, task=task,
@@ -129,6 +137,16 @@ def run_training(
             if spec.needs_genes not in setups:
                 setups[spec.needs_genes] = prepare_fold(cohort, fold, k, cfg, use_genes=spec.needs_genes, cache=cache)
             setup = setups[spec.needs_genes]
+            if spec.kind in MIRROR_MODELS:
+                outcome = None
+                if ctx.is_main:
+                    outcome = run_mirror_model(name=spec.name, setup=setup, run_dir=out, expression=expression,
+                                               settings=mirror or MirrorSettings(), device=ctx.device, log=say)
+                barrier(ctx)
+                if outcome is not None:
+                    shown = ", ".join(f"{m} {v:.3f}" for m, v in outcome.metrics.items() if v is not None)
+                    say(f"{spec.name} fold {k}: {shown}")
+                continue
             if spec.kind == "student":
                 outcome = train_student_fold(setup=setup, teacher_dir=out / "teacher" / f"fold_{k}" / "best",
                                              out_dir=fold_dir, name=spec.name, ctx=ctx)

@@ -49,6 +49,8 @@ DEMO_MODEL_DIR = Path(__file__).parent / "data" / "demo_model"
 #: patches encoded between two polls of ``cancel`` on CPU (~0.1-0.2 s each on 2 loaded cores)
 CANCEL_CHUNK = 4
 NEEDS_GENES = ("teacher", "late_fusion")
+#: attention maps of models without subspaces (see ``_patch_rows``)
+SINGLE_MAPS = ("abmil", "cls")
 
 Progress = Callable[[str, float], None]
 Cancel = Callable[[], bool]
@@ -319,11 +321,15 @@ def _predict_from_files(model, spec: ModelSpec, files: dict[str, Path], *, genes
 
 
 def _patch_rows(out, mag: str, ff, spec: ModelSpec, mpp0: float | None) -> pd.DataFrame:
-    """One row per patch of ``mag``; an ABMIL map fills both subspace columns."""
+    """One row per patch of ``mag``. A model with a single map (ABMIL's ``"abmil"``,
+    MIRROR's [CLS] attention ``"cls"``) has no subspaces: its map fills both subspace
+    columns (the bundle keeps one schema and finite values; ``model_kind`` in
+    prediction.json tells a reader the two columns are one map)."""
     n = ff.n_patches
     maps = {k: v[0].detach().cpu().numpy().astype(np.float64) for k, v in out.attention[mag].items()}
-    tumor = maps.get("tumor", maps.get("abmil"))
-    tme = maps.get("tme", maps.get("abmil"))
+    single = next((maps[k] for k in SINGLE_MAPS if k in maps), None)
+    tumor = maps.get("tumor", single)
+    tme = maps.get("tme", single)
     if tumor is None or tme is None:
         raise ModelConfigError(f"model gives no tumor/TME attention (maps: {sorted(maps)})")
     size = ff.patch_size_level0
