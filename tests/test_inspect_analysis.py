@@ -17,6 +17,14 @@ from napari_dismm.inspect.projection import pca_2d
 from napari_dismm.model.registry import build_model
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def cka_by_gram(x: np.ndarray, y: np.ndarray) -> float:
     """The textbook form: HSIC of the linear Gram matrices with the centring matrix H."""
     n = len(x)
@@ -128,7 +136,7 @@ def test_integrated_gradients_completeness(split):
     model = _teacher(split)
     bags, genes = _inputs()
     target = torch.tensor([0, 2, 1])
-    ig = integrated_gradients(model, bags, masks=None, genes=genes, target=target, steps=64)
+    ig = integrated_gradients(model, bags, masks=None, genes=genes, target=target, steps=32)
     with torch.no_grad():
         full = subspace_scores(model, bags, masks=None, genes=genes, target=target)
         base = subspace_scores(model, bags, masks=None, genes={k: torch.zeros_like(v) for k, v in genes.items()},

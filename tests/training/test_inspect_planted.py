@@ -11,7 +11,6 @@ import torch
 
 from napari_dismm.cli import main
 from training.config import config_from_dict
-from training.inspect import inspect_run
 from training.run import run_training
 from training.synth import planted_cohort_config, write_synthetic_cohort
 
@@ -49,13 +48,22 @@ def _cli(capsys, *args: str) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-def test_cka_is_low_with_the_subspace_split_and_high_without(planted):
+@pytest.fixture(scope="module")
+def inspected(planted):
+    """`dismm inspect RUN --json` over both models (in this process)."""
     files, root = planted
-    summary = inspect_run(root / "run", cohort_csv=files.csv, expression=files.expression, gene_sets=files.gmt,
-                          out=root / "inspect", ig_steps=4)
+    code = main(["inspect", str(root / "run"), "--out", str(root / "inspect"), "--cohort", str(files.csv),
+                 "--expression", str(files.expression), "--gene-sets", str(files.gmt), "--ig-steps", "4", "--json"])
+    assert code == 0
+    return root / "inspect"
+
+
+def test_cka_is_low_with_the_subspace_split_and_high_without(inspected, capsys):
+    summary = json.loads((inspected / "summary.json").read_text())
     cka = {name: {mag: v["cka"]["mean"] for mag, v in summary["models"][name]["similarity"].items()}
            for name in ("teacher", "teacher_no_split")}
-    print(f"\nheld-out tumor-vs-TME linear CKA: {cka}")
+    with capsys.disabled():
+        print(f"\nheld-out tumor-vs-TME linear CKA: {cka}")
     full = sum(cka["teacher"].values()) / len(cka["teacher"])
     ablation = sum(cka["teacher_no_split"].values()) / len(cka["teacher_no_split"])
     assert ablation >= 0.8, cka  # one gene encoder for both: the subspaces carry the same information
@@ -63,22 +71,18 @@ def test_cka_is_low_with_the_subspace_split_and_high_without(planted):
     # the split teacher's tumor subspace reads tumor genes only; the ablation's reads both sides
     shares = {n: summary["models"][n]["attribution"]["tumor"]["share_by_group"] for n in cka}
     assert shares["teacher"]["tme"] == 0.0 and shares["teacher_no_split"]["tme"] > 0.05
+
+
+def test_dismm_inspect_writes_figures_and_summary(inspected):
+    summary = json.loads((inspected / "summary.json").read_text())
+    assert list(summary["models"]) == ["teacher", "teacher_no_split"]
     for name in ("similarity", "consistency", "attribution_teacher", "projection_teacher_no_split"):
-        assert (root / "inspect" / f"{name}.png").stat().st_size > 5_000
-    on_disk = json.loads((root / "inspect" / "summary.json").read_text())
-    assert on_disk["models"]["teacher"]["similarity"] == summary["models"]["teacher"]["similarity"]
-    assert set(on_disk["models"]["teacher"]["consistency"]) == {"tumor", "tme"}
-
-
-def test_dismm_inspect_command(planted, capsys):
-    files, root = planted
-    code, out, err = _cli(capsys, str(root / "run"), "--out", str(root / "cli"), "--cohort", str(files.csv), "--expression",
-                  str(files.expression), "--gene-sets", str(files.gmt), "--models", "teacher", "--ig-steps", "2",
-                  "--json")
-    assert code == 0, err
-    summary = json.loads(out)
-    assert list(summary["models"]) == ["teacher"]
-    assert (root / "cli" / "summary.json").exists()
+        assert (inspected / f"{name}.png").stat().st_size > 5_000
+    assert set(summary["figures"]) >= {"similarity.png", "consistency.png"}
+    teacher = summary["models"]["teacher"]
+    assert set(teacher["consistency"]) == {"tumor", "tme"}
+    assert len(teacher["consistency"]["tumor"]["spearman"]["slides"]) == 22  # fold 0's held-out slides
+    assert teacher["similarity"]["10x"]["cka"]["folds"] == [teacher["similarity"]["10x"]["cka"]["mean"]]
 
 
 @pytest.mark.parametrize("case", ["no_run", "unknown_model", "bad_steps"])
