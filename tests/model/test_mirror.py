@@ -74,7 +74,7 @@ def test_retention_is_zero_for_a_perfect_decoder_and_its_target_gets_no_gradient
     masked = torch.rand(20) < 0.75
     masked[0] = True
     perfect = target.detach().clone().requires_grad_(True)
-    assert float(retention_loss(perfect, target, masked)) == 0.0
+    assert float(retention_loss(perfect, target, masked).detach()) == 0.0
     wrong = (target.detach() + torch.randn(20, 8)).requires_grad_(True)
     loss = retention_loss(wrong, target, masked)
     assert float(loss) > 0.1
@@ -98,6 +98,9 @@ def test_style_and_cluster_terms():
     collapsed[:, 2] = 1.0
     assert float(balance_loss(uniform)) == pytest.approx(0.0, abs=1e-6)
     assert float(balance_loss(collapsed)) == pytest.approx(math.log(5), abs=1e-6)
+    flat = torch.full((5, 5), 0.2)  # every sample the same undecided assignment: also a collapse
+    assert float(balance_loss(flat)) == pytest.approx(math.log(5), abs=1e-5)
+    assert float(balance_loss(p)) > 0
     assert float(mean_assignment_entropy(uniform)) == pytest.approx(math.log(5), abs=1e-6)
 
 

@@ -9,8 +9,9 @@ Kept apart from the modules so each can be checked against a direct computation:
   its own target);
 - style: KL of each diagonal Gaussian posterior to N(0, I);
 - cluster: symmetric KL between the two modalities' prototype assignments, plus a balance
-  term, log K - H(mean assignment), that is 0 only when the batch uses all prototypes
-  evenly (Decision: without it the assignment may collapse onto one prototype).
+  term, log K - H(mean assignment) + mean H(assignment), that is 0 only when decided
+  assignments use all prototypes evenly (Decision: without it the assignment may
+  collapse onto one prototype, or onto one flat distribution shared by every sample).
 """
 
 from __future__ import annotations
@@ -75,6 +76,12 @@ def mean_assignment_entropy(p: Tensor, *, eps: float = 1e-8) -> Tensor:
     return -(mean * (mean + eps).log()).sum()
 
 
-def balance_loss(p: Tensor) -> Tensor:
-    """log K - H(mean assignment) >= 0: penalises a batch that uses few prototypes."""
-    return math.log(p.shape[-1]) - mean_assignment_entropy(p)
+def balance_loss(p: Tensor, *, eps: float = 1e-8) -> Tensor:
+    """log K - H(mean assignment) + mean H(assignment) >= 0 (mutual-information form).
+
+    The first part alone is fooled by soft assignments that are the same for every sample
+    (high entropy of the mean, yet one argmax for all); the per-sample entropy term asks
+    each assignment to be decided. 0 only for decided assignments that use all prototypes
+    evenly; log K for a batch on one prototype or all on one flat distribution."""
+    per_sample = -(p * (p + eps).log()).sum(dim=-1).mean()
+    return math.log(p.shape[-1]) - mean_assignment_entropy(p) + per_sample
