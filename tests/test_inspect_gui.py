@@ -151,3 +151,16 @@ def test_teacher_comparison_and_cohort_context(setup, tmp_path):
     widget.cohort_button.click()
     assert "risk: 90th percentile of 20 patients" in widget.cohort_label.text()
     assert len(widget.cohort_figure.axes[0].lines) >= 3  # two KM strata and the slide's S(t)
+
+    # the figures tab shows what `dismm inspect` wrote
+    out = tmp_path / "figures"
+    out.mkdir()
+    from napari_dismm.inspect.figures import plot_similarity
+
+    plot_similarity({"teacher": {"20x": {"cka": [0.2], "cosine": [0.0]}}}, out / "similarity.png")
+    summary = {"figures": ["similarity.png"], "models": {"teacher": {"similarity": {
+        "20x": {"cka": {"mean": 0.2, "sd": 0.0, "folds": [0.2]}}}}}}
+    (out / "summary.json").write_text(__import__("json").dumps(summary))
+    widget.fig_out.setText(str(out))
+    widget.fig_show.click()
+    assert widget.fig_images.count() == 1 and "teacher: tumor-vs-TME CKA 20x 0.20" in widget.fig_label.text()
