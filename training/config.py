@@ -121,6 +121,9 @@ class TeacherSettings:
     weight_decay: float = _f(1e-5, "AdamW weight decay", lo=0)
     cgc: bool = _f(True, "confidence-guided gradient coordination on the fusion head")
     dev_weight: float = _f(1.0, "weight of the DEV inter-magnification loss (0 = off)", lo=0)
+    dev_form: str = _f("per_slide", "how DEV measures a slide's 10x-vs-20x agreement: per_slide (cosine on the "
+                       "slide's own grid) or reference (the paper's batch-row-normalised product)",
+                       choices=("per_slide", "reference"))
     patience: int = _f(10, "epochs without validation improvement before stopping (0 = never stop early)", lo=0)
 
     def __post_init__(self) -> None:

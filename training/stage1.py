@@ -122,7 +122,7 @@ def model_config(kind: str, setup: FoldSetup, *, cgc: bool = True, dev_weight: f
         case "teacher":
             return {**common, **genes, "dropout": m.dropout, "n_heads": m.n_heads, "cgc": cgc,
                     "dev_weight": dev_weight, "patch_size_10x_level0": setup.patch_size_10x_level0,
-                    "subspace_split": subspace_split}
+                    "subspace_split": subspace_split, "dev_form": setup.cfg.teacher.dev_form}
         case "student":
             return {**common, "k": m.k, "knn": m.knn, "n_heads": m.n_heads, "dropout": m.dropout}
         case "abmil":
@@ -137,12 +137,12 @@ class SupervisedObjective:
 
     def __init__(self, model: nn.Module, *, task: str, class_weights: Tensor | None,
                  dev_weight: float = 0.0, cgc: bool = False, patch_size_10x_level0: float = 448.0,
-                 dev_scale: float = 1e4) -> None:
+                 dev_scale: float = 1e4, dev_form: str = "per_slide") -> None:
         self.task = task
         self.class_weights = class_weights
         mags = set(model.config.magnifications)
         self.dev_weight = dev_weight if {"10x", "20x"} <= mags else 0.0
-        self.patch_size_10x_level0, self.dev_scale = patch_size_10x_level0, dev_scale
+        self.patch_size_10x_level0, self.dev_scale, self.dev_form = patch_size_10x_level0, dev_scale, dev_form
         heads = getattr(model, "fusion_heads", None)
         self.cgc = CGCStep(heads, task=task, enabled=cgc and heads is not None) if heads is not None else None
 
@@ -157,7 +157,8 @@ class SupervisedObjective:
         parts = {"task": float(combined.detach()), "task_per_mag": float(per_mag.detach())}
         if self.dev_weight > 0 and len(batch) >= 2:
             dev = dev_loss_from_output(out, batch.coords, batch.masks,
-                                       patch_size_10x_level0=self.patch_size_10x_level0, scale=self.dev_scale)
+                                       patch_size_10x_level0=self.patch_size_10x_level0, scale=self.dev_scale,
+                                       form=self.dev_form)
             loss = loss + self.dev_weight * dev
             parts["dev"] = float(dev.detach())
         if self.cgc is not None:
@@ -193,7 +194,8 @@ def train_supervised_fold(
     objective = SupervisedObjective(model, task=setup.task, class_weights=setup.class_weights,
                                     dev_weight=dev_weight, cgc=cgc,
                                     patch_size_10x_level0=setup.patch_size_10x_level0,
-                                    dev_scale=getattr(model.config, "dev_scale", 1e4))
+                                    dev_scale=getattr(model.config, "dev_scale", 1e4),
+                                    dev_form=getattr(model.config, "dev_form", "per_slide"))
     return train_fold(model=model, objective=objective, data=setup.data, settings=settings, fold_dir=out_dir,
                       name=name, fold=setup.index, extras=setup.extras(name), class_weights=setup.class_weights,
                       class_names=setup.cohort.class_names, ctx=ctx)

@@ -14,6 +14,7 @@ from napari_dismm.model.losses import (
     class_weights_from_labels,
     classification_loss,
     dev_loss,
+    DEV_FORMS,
     dev_term,
     distillation_loss,
     feature_loss,
@@ -106,9 +107,10 @@ def test_lattice_lookup_equals_containment(n, seed, origin):
 # --- DEV ----------------------------------------------------------------------------
 
 
-def _dev_case(att10, att20, c10, c20):
+def _dev_case(att10, att20, c10, c20, form="reference", masks10=None):
     return dev_loss(
-        {"tumor": att10, "tme": att10}, {"tumor": att20, "tme": att20}, c10, c20, None, None, patch_size_10x_level0=448
+        {"tumor": att10, "tme": att10}, {"tumor": att20, "tme": att20}, c10, c20, masks10, masks10,
+        patch_size_10x_level0=448, form=form,
     )
 
 
@@ -134,8 +136,59 @@ def test_dev_term_by_hand_and_single_sample():
     s = a10 @ a20.T
     s = s / s.norm(dim=1, keepdim=True)
     expected = 1e4 * torch.var(torch.diagonal(s), unbiased=True)
-    torch.testing.assert_close(dev_term(a10, a20), expected)
-    assert dev_term(a10[:1], a20[:1]) == 0
+    torch.testing.assert_close(dev_term(a10, a20, form="reference"), expected)
+    for form in DEV_FORMS:
+        assert dev_term(a10[:1], a20[:1], form=form) == 0
+    with pytest.raises(ValueError, match="DEV form"):
+        dev_term(a10, a20, form="other")
+
+
+def test_dev_per_slide_charges_slides_below_the_mean_correlation():
+    torch.manual_seed(0)
+    a10, a20 = torch.rand(4, 9), torch.rand(4, 9)
+    mask = torch.ones(4, 9, dtype=torch.bool)
+    mask[2, 6:] = False
+    r = []
+    for i in range(4):
+        n = int(mask[i].sum())
+        r.append(np.corrcoef(a10[i, :n].numpy(), a20[i, :n].numpy())[0, 1])
+    r = np.array(r)
+    expected = 1e4 * np.sum(np.clip(r.mean() - r, 0, None) ** 2) / 3
+    got = dev_term(a10 * mask, a20 * mask, form="per_slide", mask=mask)
+    assert expected > 0 and float(got) == pytest.approx(expected, rel=1e-4)
+
+
+def test_dev_per_slide_gradient_raises_laggards_and_leaves_leaders():
+    """The batch mean is a fixed target: only the less consistent slides get a gradient."""
+    torch.manual_seed(1)
+    base = torch.rand(3, 10)
+    noise = torch.rand(3, 10)
+    a20 = base.clone()
+    a20[0] = 0.2 * base[0] + 0.8 * noise[0]  # slide 0 disagrees with itself most
+    a10 = base.clone().requires_grad_(True)
+    dev_term(a10, a20, form="per_slide").backward()
+    r = torch.stack([torch.corrcoef(torch.stack([base[i], a20[i]]))[0, 1] for i in range(3)])
+    leaders = r >= r.mean()
+    assert a10.grad[0].abs().sum() > 0 and not leaders[0]
+    assert torch.all(a10.grad[leaders] == 0)
+
+
+def test_dev_per_slide_is_zero_for_consistent_slides_of_any_size_where_the_reference_is_not():
+    """The reason for the default: slides whose 10x and 20x maps agree perfectly, with bags of
+    different sizes, cost nothing per slide; the reference's cross-slide row norm charges them."""
+    c10 = torch.stack([grid_coords(12, 448, seed=s) for s in range(3)])
+    m10 = torch.zeros(3, 12, dtype=torch.bool)
+    maps = torch.zeros(3, 12)
+    for i, (n, peak) in enumerate([(12, [0, 1, 2]), (8, [5, 6]), (5, [4])]):
+        m10[i, :n] = True
+        maps[i, :n] = 0.2 / n
+        maps[i, peak] += 0.8 / len(peak)
+    assert float(_dev_case(maps, maps, c10, c10, form="per_slide", masks10=m10)) == pytest.approx(0.0, abs=1e-6)
+    assert float(_dev_case(maps, maps, c10, c10, form="reference", masks10=m10)) > 1.0
+    # and it sees a slide that disagrees with itself across magnifications
+    flipped = maps.clone()
+    flipped[0, :12] = flipped[0, :12].flip(0)
+    assert float(_dev_case(maps, flipped, c10, c10, form="per_slide", masks10=m10)) > 100.0
 
 
 def test_dev_loss_gradients_reach_both_magnifications_with_padding():

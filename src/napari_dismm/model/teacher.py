@@ -19,6 +19,7 @@ from napari_dismm.model.dmf import SubspaceCrossAttention
 from napari_dismm.model.heads import SubspaceFusionHead, combine_magnifications
 from napari_dismm.model.inputs import check_bags, check_genes, mask_for
 from napari_dismm.model.layers import SNN, PatchEmbedding
+from napari_dismm.model.losses import DEV_FORMS
 from napari_dismm.model.outputs import SUBSPACES, ModelOutput
 
 
@@ -47,6 +48,7 @@ class TeacherConfig:
     cgc: bool = True
     dev_weight: float = 1.0
     dev_scale: float = 1e4
+    dev_form: str = "per_slide"
     patch_size_10x_level0: float = 448.0
     subspace_split: bool = True
 
@@ -54,6 +56,8 @@ class TeacherConfig:
         validate_common(self)
         if self.n_heads < 1 or self.d % self.n_heads:
             raise ModelConfigError(f"d={self.d} must be divisible by n_heads={self.n_heads}")
+        if self.dev_form not in DEV_FORMS:
+            raise ModelConfigError(f"dev_form must be one of {', '.join(DEV_FORMS)}, got {self.dev_form!r}")
         if self.patch_size_10x_level0 <= 0:
             raise ModelConfigError(f"patch_size_10x_level0 must be > 0, got {self.patch_size_10x_level0}")
 
