@@ -164,3 +164,45 @@ def test_teacher_comparison_and_cohort_context(setup, tmp_path):
     widget.fig_out.setText(str(out))
     widget.fig_show.click()
     assert widget.fig_images.count() == 1 and "teacher: tumor-vs-TME CKA 20x 0.20" in widget.fig_label.text()
+
+
+@pytest.mark.slow
+def test_run_the_teacher_with_the_patients_expression(make_napari_viewer, slide_path, tmp_path, qtbot, monkeypatch):
+    """Student (random init) predicted on the slide, then the widget runs a teacher with the
+    patient's expression on the same slide and compares the two on their shared patches."""
+    import torch
+
+    from napari_dismm.model.checkpoint import save_model
+    from napari_dismm.model.registry import build_model
+    from napari_dismm.omics import ExpressionNormaliser, read_expression
+    from napari_dismm.predict import predict_slide
+    from napari_dismm.viewer.inspect_widget import InspectWidget
+
+    monkeypatch.setenv("NAPARI_DISMM_CACHE", str(tmp_path / "cache"))
+    torch.set_num_threads(1)
+    genes_t, genes_e = ["TP53", "MYC"], ["CD3E", "CD8A", "PTPRC"]
+    table = pd.DataFrame(np.random.default_rng(0).uniform(0, 50, (4, 5)), columns=genes_t + genes_e,
+                         index=[f"P{i}" for i in range(4)])
+    expression = tmp_path / "expr.tsv"
+    table.rename_axis("patient").to_csv(expression, sep="\t")
+    normaliser = ExpressionNormaliser(log1p=True).fit(read_expression(expression), {"tumor": genes_t, "tme": genes_e})
+    common = {"task": "survival", "n_outputs": 4, "d_in": 1280, "d": 16, "magnifications": ("10x", "20x"), "n_heads": 2}
+    extra = {"encoder": "efficientnet-lite0", "magnifications": ["10x", "20x"], "bin_edges": [0, 10, 20, 30, None]}
+    torch.manual_seed(0)
+    save_model(build_model({"kind": "student", **common}), tmp_path / "student", extra=extra)
+    save_model(build_model({"kind": "teacher", **common, "n_tumor_genes": 2, "n_tme_genes": 3}), tmp_path / "teacher",
+               extra={**extra, "normaliser": normaliser.to_dict()})
+    student = predict_slide(slide_path=slide_path, model_dir=tmp_path / "student", device="cpu", batch_size=8)
+
+    viewer = make_napari_viewer(show=True)
+    viewer.open(str(slide_path), plugin="napari-dismm")
+    widget = InspectWidget(viewer)
+    widget.set_prediction(student)
+    widget.teacher_model.setText(str(tmp_path / "teacher"))
+    widget.teacher_expression.setText(str(expression))
+    widget.teacher_patient.setText("P2")
+    widget.teacher_button.click()
+    qtbot.waitUntil(lambda: "Spearman" in widget.agreement_label.text(), timeout=120_000)
+    assert widget.teacher_prediction.model_kind == "teacher"
+    assert "20x: tumor rho" in widget.agreement_label.text()
+    assert any(layer.name == "teacher tumor attention 20x" for layer in viewer.layers)
