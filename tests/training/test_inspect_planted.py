@@ -1,6 +1,17 @@
 """`dismm inspect` on the planted cohort: the tumor/TME CKA tells the full teacher from the
 ablation without the knowledge-driven subspace split (issue 7's must-show), and the
-command writes its figures and summary; bad input is one line with exit 2."""
+command writes its figures and summary; bad input is one line with exit 2.
+
+Only fold 0 is trained (time budget). Measured on this cohort (seed 0, 22 held-out
+patients per fold), held-out CKA tumor vs TME, 10x / 20x:
+- fold 0: teacher 0.60 / 0.19, teacher_no_split 0.84 / 0.97 (at commit 8a8f42a's model);
+- all three folds (with the teacher changes then in progress: static subspace queries,
+  per-slide DEV): teacher 0.55, 0.63, 0.83 / 0.30, 0.74, 0.83; teacher_no_split
+  0.88, 0.65, 0.83 / 0.77, 0.68, 0.93. The contrast is clear on fold 0 and weak on
+  folds 1-2, so this test is a tripwire on one fold, not a claim about every fold.
+  The split teacher with DEV off (teacher_no_dev) measured 0.04, 0.03, 0.07 / 0.03, 0.02,
+  0.09 on the same folds: DEV is what pulls the two subspaces together here.
+"""
 
 from __future__ import annotations
 
@@ -58,7 +69,7 @@ def inspected(planted):
     return root / "inspect"
 
 
-def test_cka_is_low_with_the_subspace_split_and_high_without(inspected, capsys):
+def test_fold0_cka_is_low_with_the_subspace_split_and_high_without(inspected, capsys):
     summary = json.loads((inspected / "summary.json").read_text())
     cka = {name: {mag: v["cka"]["mean"] for mag, v in summary["models"][name]["similarity"].items()}
            for name in ("teacher", "teacher_no_split")}
