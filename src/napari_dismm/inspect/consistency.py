@@ -5,8 +5,9 @@ the 10x patch grid (each 20x patch goes to the 10x patch containing its centre, 
 level-0 coordinates: :mod:`napari_dismm.model.grid`). Here the same pooling is done per
 slide, and the agreement of the two maps on the common 10x grid is reported as
 
-- ``cosine``: cosine of the 10x map and the pooled 20x map (the diagonal element DEV
-  builds its batch variance from, before DEV's row normalisation across the batch);
+- ``cosine``: cosine of the 10x map and the pooled 20x map (the quantity behind the
+  diagonal of DEV's similarity matrix; the per-slide DEV form uses their Pearson
+  correlation instead, see :mod:`napari_dismm.model.losses`);
 - ``spearman``: rank correlation of the two maps over the 10x patches that received any
   20x patch (does the same patch rank high at both magnifications?).
 
