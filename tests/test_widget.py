@@ -225,3 +225,38 @@ def test_reader_tuples_add_and_fill_the_panel(setup, tmp_path):
         viewer.add_layer(Layer.create(data, kwargs, kind))
     assert widget.prediction is not None and "risk -2.100" in widget.panel.summary.text()
     assert widget.panel.figure.axes[0].get_ylabel() == "S(t)"
+
+
+def test_add_layer_tuples_selects_once_and_replaces(make_napari_viewer):
+    """Adding the overlays switches the layer controls once (napari would switch per added
+    layer, each switch costing a dock rebuild and often a canvas repaint), ends with the
+    patch points alone selected (as napari's own adds would), replaces the slide's earlier
+    overlays, and leaves napari's select-on-insert on even when an add fails."""
+    from napari_dismm.viewer.prediction_layers import prediction_layer_data
+    from napari_dismm.viewer.widget import add_layer_tuples
+    from tests.test_prediction_layers import make_prediction, patch_table
+
+    viewer = make_napari_viewer(show=True)
+    viewer.add_image(np.zeros((4, 4), np.float32), name="unrelated")
+    pred = make_prediction(patch_table([
+        {"x": 0, "y": 0, "width": 448, "height": 448, "tumor_attention": 1.0, "ita_cluster": 0, "ita_centre": True},
+        {"x": 448, "y": 0, "width": 448, "height": 448, "tumor_attention": 0.5, "ita_cluster": 1},
+    ]), contours=[[(0, 0), (896, 0), (896, 448), (0, 448)]])
+    switches = []
+    viewer.layers.selection.events.active.connect(lambda event: switches.append(event.value))
+    layers = add_layer_tuples(viewer, prediction_layer_data(pred), prediction=pred)
+    assert [layer.name for layer in layers] == ["tissue", "tumor attention 20x", "TME attention 20x",
+                                                "ITA tokens 20x", "ITA centres 20x", "patches"]
+    assert list(dict.fromkeys(layer for layer in switches if layer is not None)) == [layers[-1]]
+    assert set(viewer.layers.selection) == {layers[-1]}
+    assert viewer.layers._activate_on_insert
+    assert layers[1].colorbar.visible and not layers[2].colorbar.visible
+    again = add_layer_tuples(viewer, prediction_layer_data(pred), prediction=pred)
+    assert [layer.name for layer in viewer.layers] == ["unrelated"] + [layer.name for layer in again]
+    assert all(layer not in viewer.layers for layer in layers)
+    bad = [(np.zeros((2, 2)), {"name": "bad", "metadata": {"slide_id": "other"}}, "no-such-layer-type")]
+    with pytest.raises(ValueError, match="layer_type"):
+        add_layer_tuples(viewer, bad)
+    assert viewer.layers._activate_on_insert
+    viewer.add_image(np.zeros((2, 2), np.float32), name="later")
+    assert set(viewer.layers.selection) == {viewer.layers["later"]}

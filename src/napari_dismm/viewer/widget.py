@@ -13,6 +13,7 @@ Why it is built this way:
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from pathlib import Path
@@ -50,19 +51,48 @@ def prediction_layers_in(viewer, slide_id: str | None = None) -> list[Layer]:
 
 
 def add_layer_tuples(viewer, tuples, *, prediction=None) -> list[Layer]:
-    """Add prepared layer tuples, replacing the same slide's previous prediction layers."""
+    """Add prepared layer tuples, replacing the same slide's previous prediction layers.
+
+    Ends as napari's own adds do (the last added layer alone selected: the patch points,
+    whose hover shows the scores), but selects it once instead of once per layer: each
+    selection change rebuilds the layer-controls dock and repaints the canvas."""
     slide_ids = {kw["metadata"].get("slide_id") for _, kw, _ in tuples}
-    for layer in [lay for sid in slide_ids for lay in prediction_layers_in(viewer, sid)]:
-        viewer.layers.remove(layer)
+    old = [lay for sid in slide_ids for lay in prediction_layers_in(viewer, sid)]
+    if old:
+        # napari runs a full gc.collect() and a scene-graph rebuild after each removed
+        # layer (~0.5 s each with a big heap); inside a batch it does both once
+        with viewer.layers.batched_update():
+            for layer in old:
+                viewer.layers.remove(layer)
     added = []
-    for data, kwargs, kind in tuples:
-        if prediction is not None:
-            kwargs["metadata"]["dismm_prediction"] = prediction
-        layer = Layer.create(data, kwargs, kind)
-        if isinstance(layer, Image) and layer.visible and layer.metadata.get("dismm_kind") == "attention":
-            layer.colorbar.visible = True
-        added.append(viewer.add_layer(layer))
+    with _activate_once(viewer.layers):
+        for data, kwargs, kind in tuples:
+            if prediction is not None:
+                kwargs["metadata"]["dismm_prediction"] = prediction
+            layer = Layer.create(data, kwargs, kind)
+            if isinstance(layer, Image) and layer.visible and layer.metadata.get("dismm_kind") == "attention":
+                layer.colorbar.visible = True
+            added.append(viewer.add_layer(layer))
+    if added:
+        viewer.layers.selection.active = added[-1]
     return added
+
+
+@contextlib.contextmanager
+def _activate_once(layers):
+    """Suspend napari's select-on-insert for a batch of adds (the caller selects once after).
+
+    Uses the layer list's private ``_activate_on_insert`` switch when this napari has it;
+    without it the adds simply select each layer as usual (slower, same end state)."""
+    if not hasattr(layers, "_activate_on_insert"):
+        yield
+        return
+    before = layers._activate_on_insert
+    layers._activate_on_insert = False
+    try:
+        yield
+    finally:
+        layers._activate_on_insert = before
 
 
 def add_prediction_layers(viewer, prediction, *, normalisation: str = "percentile", smoothing: float = 0.0,
