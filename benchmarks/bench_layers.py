@@ -4,6 +4,10 @@
    25k at 10x) to a shown viewer: seconds and RSS growth (goal < 0.3 s, < 50 MB). Side by
    side, the naive alternative the design rejects: painting the tumor attention onto a
    full-resolution level-0 canvas (one float32 per level-0 pixel) -- the ratio is printed.
+   Also timed: until the canvas has drawn its first frame with the layers, and the floor
+   -- the same six layer types with tiny data through the same code path, in the same
+   run -- which is napari's fixed per-layer cost (layer controls, vispy visuals, the
+   colorbar) that no choice of layer data can remove.
 2. Event-loop latency while an inference worker runs (`thread_worker`, as the widget does):
    a QTimer fires every 10 ms and records how late it is; max and p95 lag (goal < 100 ms).
    The worker does real CPU work (torch matmuls, which release the GIL like a model's
@@ -15,6 +19,9 @@ Run: ``python benchmarks/bench_layers.py`` (uses Xvfb when there is no display).
 from __future__ import annotations
 
 import gc
+import math
+import os
+import statistics
 import time
 
 import numpy as np
@@ -56,24 +63,86 @@ def rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-def bench_layers(viewer, prediction: Prediction, *, magnification: str | None = None) -> dict[str, float]:
+def _frame_clock(viewer):
+    """Records when the canvas draws its first frame after the last layer insert.
+
+    A frame may be drawn synchronously inside the adds (Qt repaints a resized GL canvas at
+    once) or by the event loop afterwards; either counts."""
+    canvas = viewer.window._qt_viewer.canvas._scene_canvas  # vispy SceneCanvas (private, bench only)
+    state = {"inserted": 0.0, "drawn": None}
+
+    def on_insert(event=None):
+        state["inserted"], state["drawn"] = time.perf_counter(), None
+
+    def on_draw(event=None):
+        if state["drawn"] is None:
+            state["drawn"] = time.perf_counter()
+
+    viewer.layers.events.inserted.connect(on_insert)
+    canvas.events.draw.connect(on_draw, position="last")  # after the scene is drawn
+
+    def wait(timeout: float = 30.0) -> float:
+        from qtpy.QtWidgets import QApplication
+
+        end = time.perf_counter() + timeout
+        while state["drawn"] is None and time.perf_counter() < end:
+            QApplication.processEvents()
+        viewer.layers.events.inserted.disconnect(on_insert)
+        canvas.events.draw.disconnect(on_draw)
+        return state["drawn"] if state["drawn"] is not None else math.nan
+
+    return wait
+
+
+def bench_layers(viewer, prediction: Prediction | None, *, magnification: str | None = None,
+                 replace: bool = False) -> dict[str, float]:
+    """Build the layer data and add it; ``prediction=None`` adds the floor instead: one
+    tiny (2 x 2 / 1-point / 1-polygon) layer of each overlay layer type, same placement.
+    ``replace``: the same overlays are already shown (untimed) and the timed add replaces
+    them, as a second Run or a magnification change does."""
+    from qtpy.QtWidgets import QApplication
+
     from napari_dismm.viewer.prediction_layers import prediction_layer_data
     from napari_dismm.viewer.widget import add_layer_tuples
 
+    if replace:
+        add_layer_tuples(viewer, prediction_layer_data(prediction, magnification=magnification),
+                         prediction=prediction)
+    QApplication.processEvents()  # nothing pending from the previous run
     gc.collect()
-    rss0, t0 = rss_mb(), time.perf_counter()
-    tuples = prediction_layer_data(prediction, magnification=magnification)
+    wait_frame = _frame_clock(viewer)
+    rss0, c0, t0 = rss_mb(), time.process_time(), time.perf_counter()
+    if prediction is None:
+        tuples = tiny_layer_data()
+    else:
+        tuples = prediction_layer_data(prediction, magnification=magnification)
     build = time.perf_counter() - t0
     layers = add_layer_tuples(viewer, tuples, prediction=prediction)
     seconds = time.perf_counter() - t0
+    cpu = time.process_time() - c0
     rss1 = rss_mb()
-    t1 = time.perf_counter()
-    viewer.window._qt_viewer.canvas._scene_canvas.render()  # first draw of the overlays (private, bench only)
-    draw = time.perf_counter() - t1
-    for layer in layers:
-        viewer.layers.remove(layer)
-    return {"seconds": seconds, "build_s": build, "rss_mb": rss1 - rss0, "layers": len(layers),
-            "first_draw_s": draw, "per_layer_add_s": (seconds - build) / max(len(layers), 1)}
+    frame = wait_frame() - t0
+    with viewer.layers.batched_update():
+        for layer in layers:
+            viewer.layers.remove(layer)
+    return {"seconds": seconds, "cpu_s": cpu, "build_s": build, "rss_mb": rss1 - rss0, "layers": len(layers),
+            "frame_s": frame, "per_layer_add_s": (seconds - build) / max(len(layers), 1)}
+
+
+def tiny_layer_data() -> list:
+    """The floor: the default overlay layer types with almost no data (napari's fixed cost)."""
+    meta = {"slide_id": "floor", "dismm_kind": "attention"}
+    place = {"scale": (MPP, MPP), "units": ("um", "um")}
+    tiny = np.zeros((2, 2), np.float32)
+    return [
+        ([np.array([[0.0, 0.0], [0.0, 9.0], [9.0, 9.0]])], {"name": "floor shapes", **place, "shape_type": "polygon",
+                                                          "metadata": dict(meta)}, "shapes"),
+        (tiny, {"name": "floor image 1", **place, "metadata": dict(meta)}, "image"),
+        (tiny, {"name": "floor image 2", **place, "metadata": dict(meta), "visible": False}, "image"),
+        (tiny.astype(np.int32), {"name": "floor labels", **place, "metadata": dict(meta), "visible": False}, "labels"),
+        (np.zeros((1, 2)), {"name": "floor points 1", **place, "metadata": dict(meta)}, "points"),
+        (np.zeros((1, 2)), {"name": "floor points 2", **place, "metadata": dict(meta), "visible": False}, "points"),
+    ]
 
 
 def bench_canvas(prediction: Prediction, *, sample: int = 2000) -> dict[str, float]:
@@ -137,7 +206,7 @@ def bench_latency(viewer, *, seconds: float = 4.0, busy: bool = True) -> dict[st
     return {"ticks": len(lag), "max_ms": float(lag.max()), "p95_ms": float(np.percentile(lag, 95))}
 
 
-def main() -> None:
+def main(repeats: int = 3) -> None:
     from napari_dismm.viewer.app import new_viewer, virtual_display
 
     prediction = big_prediction()
@@ -146,22 +215,46 @@ def main() -> None:
         viewer = new_viewer(show=True)
         try:
             bench_layers(viewer, big_prediction(2000), magnification="all")  # warm-up: imports, shaders
+            bench_layers(viewer, None)
             canvas = bench_canvas(prediction)
-            print(f"patches (rows: 100k at 20x + 25k at 10x) {n}")
-            runs = {}
-            for mag in (None, "all"):
-                layers = runs[mag] = bench_layers(viewer, prediction, magnification=mag)
-                print(f"-- magnification={mag!s:5s}: {layers['layers']} overlay layers")
-                print(f"build (pure numpy) seconds       {layers['build_s']:.3f}")
-                print(f"build+add seconds                {layers['seconds']:.3f}   (goal < 0.3)")
-                print(f"napari add per layer seconds     {layers['per_layer_add_s']:.3f}")
-                print(f"build+add RSS delta MB           {layers['rss_mb']:.1f}   (goal < 50)")
-                print(f"first draw of overlays seconds   {layers['first_draw_s']:.3f}")
+            print(f"patches (rows: 100k at 20x + 25k at 10x) {n};  load average {os.getloadavg()[0]:.1f} "
+                  f"on {os.cpu_count()} cores; medians of {repeats} runs, interleaved [min-max]")
+            cases = {"default": (prediction, None, False), "all": (prediction, "all", False),
+                     "floor": (None, None, False), "replace": (prediction, None, True)}
+            runs: dict[str, list[dict]] = {case: [] for case in cases}
+            for _ in range(repeats):
+                for case, (pred, mag, replace) in cases.items():
+                    runs[case].append(bench_layers(viewer, pred, magnification=mag, replace=replace))
+            med = {case: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for case, rs in runs.items()}
+
+            def span(case, key):
+                values = [r[key] for r in runs[case]]
+                return f"[{min(values):.3f}-{max(values):.3f}]"
+
+            for case in ("default", "all"):
+                m = med[case]
+                print(f"-- {case} magnification: {m['layers']:.0f} overlay layers")
+                print(f"build (pure numpy) seconds       {m['build_s']:.3f}")
+                print(f"build+add seconds                {m['seconds']:.3f} {span(case, 'seconds')}   (goal < 0.3: "
+                      f"{m['seconds'] / 0.3:.1f}x the goal)")
+                print(f"build+add CPU seconds            {m['cpu_s']:.3f} {span(case, 'cpu_s')}")
+                print(f"napari add per layer seconds     {m['per_layer_add_s']:.3f}")
+                print(f"build+add RSS delta MB           {m['rss_mb']:.1f}   (goal < 50)")
+                print(f"until first frame drawn seconds  {m['frame_s']:.3f} {span(case, 'frame_s')}")
+            r = med["replace"]
+            print("-- replacing the shown default overlays (a second Run, a magnification change)")
+            print(f"build+remove+add seconds         {r['seconds']:.3f} {span('replace', 'seconds')}")
+            f, d = med["floor"], med["default"]
+            print(f"-- floor: the same {f['layers']:.0f} layer types, tiny data, same code path")
+            print(f"add seconds                      {f['seconds']:.3f} {span('floor', 'seconds')}  "
+                  f"({f['seconds'] / f['layers']:.3f} per layer; {f['seconds'] / 0.3:.1f}x the 0.3 s goal)")
+            print(f"until first frame drawn seconds  {f['frame_s']:.3f} {span('floor', 'frame_s')}")
+            print(f"ratio default/floor seconds      {d['seconds'] / f['seconds']:.2f}x  "
+                  f"(data-dependent share {max(d['seconds'] - f['seconds'], 0.0):.3f} s)")
             print(f"level-0 canvas (rejected) s      {canvas['seconds']:.3f}  (extrapolated)")
             print(f"level-0 canvas array MB          {canvas['mb']:.0f}")
-            default = runs[None]
-            print(f"ratio canvas/grid seconds        {canvas['seconds'] / default['seconds']:.0f}x  (default layers)")
-            print(f"ratio canvas/grid memory         {canvas['mb'] / max(default['rss_mb'], 1.0):.0f}x")
+            print(f"ratio canvas/grid seconds        {canvas['seconds'] / d['seconds']:.0f}x  (default layers)")
+            print(f"ratio canvas/grid memory         {canvas['mb'] / max(d['rss_mb'], 1.0):.0f}x")
             idle = bench_latency(viewer, busy=False)
             busy = bench_latency(viewer, busy=True)
             print(f"event-loop lag idle   max/p95 ms {idle['max_ms']:.1f} / {idle['p95_ms']:.1f}  "
