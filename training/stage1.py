@@ -110,7 +110,7 @@ def prepare_fold(
     return FoldSetup(cohort, index, data, cfg, d_in, patch, size10, encoder, weights)
 
 
-def model_config(kind: str, setup: FoldSetup, *, cgc: bool = True, dev_weight: float = 1.0,
+def model_config(kind: str, setup: FoldSetup, *, cgc: bool = True, dev_weight: float = 1e-3,
                  subspace_split: bool = True) -> dict[str, Any]:
     """The architecture dict of ``kind`` for this fold (n_outputs, widths, genes)."""
     m = setup.cfg.model

@@ -12,7 +12,7 @@ import torch
 from napari_dismm.model.checkpoint import load_model
 from napari_dismm.omics import ExpressionNormaliser
 from training.cohort import load_cohort
-from training.config import config_from_dict
+from training.config import TeacherSettings, config_from_dict
 from training.dataset import SlideDataset
 from training.engine import predict
 from training.run import fold_attention_auroc, format_table, run_training
@@ -66,7 +66,8 @@ def test_ablations_in_one_table(classification):
     assert {"teacher", "teacher_no_cgc", "teacher_no_dev"} <= set(auc.index)
     for name in ("teacher_no_cgc", "teacher_no_dev"):
         config = json.loads((run / name / "fold_0" / "best" / "config.json").read_text())["model"]
-        assert (config["cgc"], config["dev_weight"]) == ((False, 1.0) if name == "teacher_no_cgc" else (True, 0.0))
+        default_dev = TeacherSettings().dev_weight
+        assert (config["cgc"], config["dev_weight"]) == ((False, default_dev) if name == "teacher_no_cgc" else (True, 0.0))
 
 
 def _attention(files, run, model_name):
@@ -85,16 +86,20 @@ def _attention(files, run, model_name):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="with DEV on, attention stays near chance (~0.5): DEV (dev_weight >= 0.001 "
-                   "tried) pulls the 10x map off the planted regions; with dev_weight 0 the same cohort reaches "
-                   "~0.84 (0.90 with patch_signal 4, type_signal 3), see the issue-5 report")
+@pytest.mark.xfail(strict=False, reason="measured (held-out, mean over slides and magnifications, tumor / TME "
+                   "map on its region): teacher 0.65 / 0.70, teacher_no_dev 0.81 / 0.78 (~0.90 with patch_signal 4, "
+                   "type_signal 3); DEV costs localisation in every form and weight tried (model/losses.py)")
 def test_teacher_attention_separates_the_planted_regions(classification):
     files, run, _ = classification
-    maps, truth = _attention(files, run, "teacher")
-    tumor = fold_attention_auroc(maps, truth, attention="tumor", region="tumor")
-    tme = fold_attention_auroc(maps, truth, attention="tme", region="tme")
-    print(f"\nattention AUROC: tumor map on tumor patches {tumor:.3f}, TME map on TME patches {tme:.3f}")
-    assert tumor >= 0.9 and tme >= 0.9
+    found = {}
+    for name in ("teacher", "teacher_no_dev"):
+        maps, truth = _attention(files, run, name)
+        found[name] = {(att, region): fold_attention_auroc(maps, truth, attention=att, region=region)
+                       for att in ("tumor", "tme") for region in ("tumor", "tme")}
+        print(f"\n{name} attention AUROC: " + ", ".join(f"{a} map on {r} patches {v:.3f}"
+                                                        for (a, r), v in found[name].items()))
+    teacher = found["teacher"]
+    assert teacher["tumor", "tumor"] >= 0.9 and teacher["tme", "tme"] >= 0.9
 
 
 def _oracle_c_index(files) -> float:
