@@ -17,12 +17,7 @@ from napari_dismm.inspect.projection import pca_2d
 from napari_dismm.model.registry import build_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def cka_by_gram(x: np.ndarray, y: np.ndarray) -> float:

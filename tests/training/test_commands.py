@@ -8,7 +8,6 @@ from importlib.metadata import entry_points
 
 import pandas as pd
 import pytest
-import torch
 
 from napari_dismm.errors import DismmError
 from training.commands import register_evaluate, register_synth, register_train
@@ -29,12 +28,7 @@ run = ["abmil"]
 """
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def dismm(argv: list[str]) -> int:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from napari_dismm.cli import main
 from training.config import config_from_dict
@@ -32,12 +31,7 @@ CONFIG = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from training.config import config_from_dict
 from training.inspect import inspect_run
@@ -17,12 +16,7 @@ TINY = {"model": {"d": 16, "dropout": 0.0}, "data": {"batch_size": 4}, "cv": {"f
         "teacher": {"epochs": 1}, "student": {"epochs": 1}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_inspect_a_survival_run_with_a_student(tmp_path):

@@ -6,7 +6,6 @@ import json
 
 import pandas as pd
 import pytest
-import torch
 
 from napari_dismm.errors import DataError
 from napari_dismm.model.checkpoint import load_model
@@ -19,12 +18,7 @@ TINY = {"model": {"d": 16, "dropout": 0.0}, "data": {"batch_size": 4}, "teacher"
 MODELS = ("teacher", "student", "abmil", "late_fusion")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module", params=["classification", "survival"])
