@@ -7,6 +7,8 @@ layer objects and their scale/translate, that the high values fall on the plante
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -271,3 +273,17 @@ def test_no_patches_gives_no_grids():
     pred = make_prediction(patch_table([]).astype({"x": int}), contours=[[(0, 0), (10, 0), (10, 10)]])
     layers = prediction_layer_data(pred)
     assert [kw["name"] for _, kw, _ in layers] == ["tissue"]
+
+
+@pytest.mark.parametrize("kind,name", [("mirror", "[CLS] attention 20x"), ("abmil", "ABMIL attention 20x")])
+def test_single_map_models_get_one_attention_layer(kind, name):
+    """MIRROR's [CLS] map (and ABMIL's) fills both bundle columns; the viewer shows it once,
+    named for what it is, not as two identical 'tumor' and 'TME' maps."""
+    rows = [{"x": 64 * i, "y": 0, "width": 64, "height": 64, "tumor_attention": a, "tme_attention": a}
+            for i, a in enumerate([0.1, 0.2, 0.7])]
+    pred = make_prediction(patch_table(rows))
+    pred = dataclasses.replace(pred, model_kind=kind)
+    by = _by_name(prediction_layer_data(pred))
+    assert name in by and not any(n.startswith(("tumor attention", "TME attention")) for n in by)
+    data, kw, _ = by[name]
+    assert kw["visible"] and np.allclose(kw["metadata"]["raw"][0], [0.1, 0.2, 0.7])

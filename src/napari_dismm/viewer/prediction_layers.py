@@ -41,6 +41,15 @@ LayerData = tuple[Any, dict[str, Any], str]
 NORMALISATIONS = ("raw", "minmax", "percentile")
 PERCENTILES = (1.0, 99.0)
 SUBSPACES = {"tumor": ("tumor_attention", "inferno"), "TME": ("tme_attention", "viridis")}
+#: models with one attention map and no subspaces: the bundle repeats the map in both
+#: columns, the viewer shows it once under its own name
+SINGLE_MAP_NAMES = {"mirror": "[CLS]", "abmil": "ABMIL"}
+
+
+def attention_maps(model_kind: str | None) -> dict[str, tuple[str, str]]:
+    """Layer name prefix -> (patches.csv column, colormap) of the maps a model has."""
+    single = SINGLE_MAP_NAMES.get(str(model_kind))
+    return SUBSPACES if single is None else {single: ("tumor_attention", "inferno")}
 NOTE = "Attention shows where the model looked; it is not evidence of disease."
 #: above this many patch points the hover layer starts hidden: software OpenGL (Xvfb,
 #: remote desktops) needs ~1 s per frame for 100k point sprites; a GPU does not care
@@ -267,7 +276,8 @@ def prediction_layer_data(
         visible = mag == mags[-1]  # finest magnification shown, the tumor map on top
         grid = grid_for(rows)
         place = grid.world(mpp)
-        for subspace, (column, colormap) in SUBSPACES.items():
+        maps = attention_maps(getattr(prediction, "model_kind", None))
+        for subspace, (column, colormap) in maps.items():
             raw = mean_grid(rows, rows[column].to_numpy(), grid)
             shown, limits = display_grid(raw, normalisation=normalisation, smoothing=smoothing)
             meta = {
@@ -278,7 +288,7 @@ def prediction_layer_data(
             layers.append((shown, {
                 "name": f"{subspace} attention {mag}", **place, "units": units, "colormap": colormap,
                 "contrast_limits": limits, "opacity": 0.6, "blending": "translucent",
-                "visible": visible and subspace == "tumor",
+                "visible": visible and subspace == next(iter(maps)),
                 "interpolation2d": "nearest", "metadata": meta,
             }, "image"))
         layers.extend(_ita_layers(rows, grid, mag=mag, mpp=mpp, units=units, base=base, visible=visible))
