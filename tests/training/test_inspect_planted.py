@@ -8,7 +8,7 @@ fold, at the default DEV (per-slide form, weight 1e-3):
 - teacher 0.55, 0.73, 0.68 / 0.28, 0.58, 0.74 (means 0.65 / 0.53);
 - teacher_no_split 0.82, 0.81, 0.85 / 0.82, 0.80, 0.87 (means 0.83 / 0.83);
 - teacher_no_dev 0.04, 0.03, 0.07 / 0.03, 0.02, 0.09: DEV is what pulls the two subspaces
-  together here (with the paper's DEV at weight 1, folds 1-2 showed almost no contrast).
+  together here (with DEV at weight 1, folds 1-2 showed little contrast).
 """
 
 from __future__ import annotations
