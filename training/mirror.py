@@ -67,6 +67,7 @@ class MirrorSettings:
     d: int = 0
     n_layers: int = 2
     n_prototypes: int = 64
+    balance_weight: float = 1.0
     mask_ratio: float = 0.75
     dropout: float = 0.1
     epochs: int = 40
@@ -84,6 +85,7 @@ class MirrorSettings:
         checks = {
             "magnifications": bool(self.magnifications), "n_genes": self.n_genes >= 1, "d": self.d >= 0,
             "n_layers": self.n_layers >= 1, "n_prototypes": self.n_prototypes >= 2,
+            "balance_weight": self.balance_weight >= 0,
             "mask_ratio": 0 < self.mask_ratio < 1, "dropout": 0 <= self.dropout < 1, "epochs": self.epochs >= 1,
             "lr": self.lr > 0, "weight_decay": self.weight_decay >= 0, "patience": self.patience >= 0,
             "batch_size": self.batch_size >= 2, "max_patches": self.max_patches >= 1, "few_shot": self.few_shot >= 1,
@@ -194,7 +196,7 @@ def pretrain_fold(*, setup: FoldSetup, genes: GeneInput, settings: MirrorSetting
         "kind": "mirror", "task": setup.task, "n_outputs": setup.n_outputs, "d_in": setup.d_in,
         "d": settings.d or cfg.model.d, "magnifications": mags, "n_genes": len(genes.genes),
         "n_layers": settings.n_layers, "n_heads": cfg.model.n_heads, "n_prototypes": settings.n_prototypes,
-        "mask_ratio": settings.mask_ratio, "dropout": settings.dropout,
+        "balance_weight": settings.balance_weight, "mask_ratio": settings.mask_ratio, "dropout": settings.dropout,
     }).to(device)
     train = SlideDataset(cohort=setup.cohort, patients=_patients(setup.data.train), bin_edges=setup.data.bin_edges,
                          max_patches=settings.max_patches, seed=seed_for(cfg.cv.seed, "mirror-patches", k),

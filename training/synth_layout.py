@@ -6,6 +6,13 @@ region and a disjoint *TME* region (disks). The label depends on two hidden stat
 `tme_state` (carried by TME-region patches and a subset of TME genes). All other patches
 are uninformative, so a model that attends to the right patches is the only way to read
 the states from the slide, and the planted regions are the ground truth for attention.
+
+``decoy_signal`` (opt-in, 0 by default) makes the last point strict: every "other" patch
+gets a shift of that size along both state directions, with an independent random sign
+per patch and direction. The decoys carry no state but swamp the mean of the bag, so
+mean-pooling can no longer read the states; a model has to *find* the planted patches
+(they carry the type directions). Left at 0 the random stream is untouched, so default
+cohorts are bit-identical to those generated before the option existed.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ class SynthConfig:
     mpp_level0: float = 0.25              # µm per level-0 pixel (40x-like)
     patch_size: int = 224
     censor_fraction: float = 0.15
+    decoy_signal: float = 0.0             # opt-in: random-sign state shifts on "other" patches
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -42,6 +50,8 @@ class SynthConfig:
             raise ValueError("n_patients must be >= 8")
         if not 2 <= self.grid_min <= self.grid_max:
             raise ValueError("need 2 <= grid_min <= grid_max")
+        if self.decoy_signal < 0:
+            raise ValueError("decoy_signal must be >= 0")
 
     def step_level0(self, mpp: float) -> int:
         """Level-0 pixels per patch at a target mpp (224 px at 1.0 µm/px -> 896 px at 0.25)."""
@@ -124,6 +134,10 @@ def _bag(rng, cfg, cells, region, directions, mag, states) -> tuple[np.ndarray, 
     is_tumor, is_tme = regions == REGION_TUMOR, regions == REGION_TME
     x[is_tumor] += cfg.type_signal * d["tumor_type"] + cfg.patch_signal * (2 * tumor_state - 1) * d["tumor_state"]
     x[is_tme] += cfg.type_signal * d["tme_type"] + cfg.patch_signal * (2 * tme_state - 1) * d["tme_state"]
+    if cfg.decoy_signal:  # drawn only when asked, so default cohorts keep their random stream
+        other = np.flatnonzero(~is_tumor & ~is_tme)
+        signs = rng.choice([-1.0, 1.0], size=(len(other), 2))
+        x[other] += cfg.decoy_signal * (signs[:, :1] * d["tumor_state"] + signs[:, 1:] * d["tme_state"])
     return coords.astype(np.int64), x.astype(np.float32), regions.astype(np.int8)
 
 

@@ -15,9 +15,12 @@ from napari_dismm.model.mirror_encoders import cls_attention, lattice_cells
 from napari_dismm.model.mirror_losses import (
     alignment_loss,
     balance_loss,
+    balanced_labels,
     gaussian_kl,
     mean_assignment_entropy,
     retention_loss,
+    sinkhorn_targets,
+    swapped_prediction_loss,
     symmetric_kl,
 )
 from napari_dismm.model.registry import build_model
@@ -102,6 +105,68 @@ def test_style_and_cluster_terms():
     assert float(balance_loss(flat)) == pytest.approx(math.log(5), abs=1e-5)
     assert float(balance_loss(p)) > 0
     assert float(mean_assignment_entropy(uniform)) == pytest.approx(math.log(5), abs=1e-6)
+
+
+def _sinkhorn_by_hand(scores: np.ndarray, epsilon: float, n_iters: int) -> np.ndarray:
+    """Reference: the plain Sinkhorn-Knopp loop on Q = exp(S / eps)^T (K x B)."""
+    q = np.exp(scores.T / epsilon)
+    q /= q.sum()
+    k, b = q.shape
+    for _ in range(n_iters):
+        q /= q.sum(axis=1, keepdims=True) * k  # each prototype: 1/K
+        q /= q.sum(axis=0, keepdims=True) * b  # each sample: 1/B
+    return (q * b).T
+
+
+def test_sinkhorn_targets_match_a_direct_computation_and_balance_a_collapsed_batch():
+    g = torch.Generator().manual_seed(3)
+    scores = torch.rand(6, 4, generator=g, dtype=torch.float64) * 2 - 1  # cosines
+    expected = _sinkhorn_by_hand(scores.numpy(), 0.5, 3)
+    np.testing.assert_allclose(sinkhorn_targets(scores, epsilon=0.5, n_iters=3).numpy(), expected, rtol=1e-9)
+    # a collapsed batch: every sample scores prototype 2 highest by a wide margin
+    collapsed = torch.full((8, 4), -1.0, dtype=torch.float64)
+    collapsed[:, 2] = 1.0
+    collapsed += 0.01 * torch.randn(8, 4, generator=g, dtype=torch.float64)
+    q = sinkhorn_targets(collapsed, epsilon=0.05, n_iters=3)
+    torch.testing.assert_close(q.sum(1), torch.ones(8, dtype=torch.float64))
+    # the batch's targets still use every prototype about equally (the prediction never would)
+    assert float(q.mean(0).min()) > 0.2 and float(q.mean(0).max()) < 0.3
+    assert float(mean_assignment_entropy(q)) > 0.99 * math.log(4)
+    assert float(mean_assignment_entropy(torch.softmax(collapsed / 0.1, dim=-1))) < 0.01 * math.log(4)
+    # huge scores stay finite (log-space); no gradient flows into the scores
+    big = (1000 * torch.randn(5, 7, generator=g)).requires_grad_(True)
+    t = sinkhorn_targets(big, epsilon=0.05, n_iters=3)
+    assert bool(torch.isfinite(t).all()) and not t.requires_grad
+
+
+def test_balanced_labels_spread_near_identical_samples():
+    g = torch.Generator().manual_seed(5)
+    shared = torch.rand(16, generator=g) * 2 - 1
+    scores = shared + 1e-3 * torch.randn(8, 16, generator=g)  # 8 samples, all alike
+    assert len(set(scores.argmax(1).tolist())) == 1  # the raw argmax collapses
+    labels = balanced_labels(scores)
+    assert labels.shape == (8, 16) and bool((labels.sum(1) == 1).all())
+    assert len(set(labels.argmax(1).tolist())) >= 6  # the equal-partition plan does not
+
+
+def test_swapped_prediction_charges_a_collapsed_prediction():
+    g = torch.Generator().manual_seed(4)
+    scores_a = torch.randn(8, 8, generator=g)
+    scores_b = torch.randn(8, 8, generator=g)
+    q_a, q_b = sinkhorn_targets(scores_a), sinkhorn_targets(scores_b)
+    # predictions equal to the swapped targets: loss 0
+    exact = swapped_prediction_loss(q_b.log(), q_a.log(), q_a, q_b)
+    assert float(exact) == pytest.approx(0.0, abs=1e-5)
+    # everyone on one prototype: the balanced targets make it expensive, and the gradient
+    # pushes the logits of the other prototypes up
+    collapsed = torch.full((8, 8), -5.0)
+    collapsed[:, 0] = 5.0
+    collapsed.requires_grad_(True)
+    loss = swapped_prediction_loss(collapsed, collapsed, sinkhorn_targets(collapsed.detach() / 10),
+                                   sinkhorn_targets(collapsed.detach() / 10))
+    assert float(loss) > 1.0
+    loss.backward()
+    assert bool((collapsed.grad[:, 0] > 0).all())  # descending lowers the winning prototype
 
 
 def test_cls_attention_is_the_exact_attention_of_the_cls_query():
@@ -202,7 +267,8 @@ def test_registry_checkpoint_round_trip_and_bad_config(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model.eval()({"20x": x[None]}, coords={"20x": xy[None]}).logits,
                                    loaded({"20x": x[None]}, coords={"20x": xy[None]}).logits)
-    for bad in ({"mask_ratio": 1.0}, {"n_prototypes": 1}, {"w_align": -1.0}, {"n_heads": 3}):
+    for bad in ({"mask_ratio": 1.0}, {"n_prototypes": 1}, {"w_align": -1.0}, {"n_heads": 3},
+                {"sinkhorn_epsilon": 0.0}, {"sinkhorn_iters": 0}):
         with pytest.raises(ModelConfigError):
             MirrorConfig(**{**SMALL, **bad})
     defaults = MirrorConfig()

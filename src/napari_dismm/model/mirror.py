@@ -30,9 +30,10 @@ from napari_dismm.model.inputs import check_bags, mask_for
 from napari_dismm.model.mirror_encoders import RNAEncoder, SlideEncoder
 from napari_dismm.model.mirror_losses import (
     alignment_loss,
-    balance_loss,
+    balanced_labels,
     gaussian_kl,
     retention_loss,
+    swapped_prediction_loss,
     symmetric_kl,
 )
 from napari_dismm.model.mixing import CoordinateEncoding, MixingBlock, normalise_coords
@@ -77,6 +78,8 @@ class MirrorConfig:
     w_style: float = 0.1
     w_cluster: float = 0.1
     balance_weight: float = 1.0
+    sinkhorn_epsilon: float = 0.05
+    sinkhorn_iters: int = 3
 
     def __post_init__(self) -> None:
         self.magnifications = tuple(self.magnifications)
@@ -91,7 +94,8 @@ class MirrorConfig:
             "chunk_size": self.chunk_size >= 1, "temperature_init": self.temperature_init > 0,
             "max_logit_scale": self.max_logit_scale >= 1.0 / self.temperature_init,
             **{f"w_{n}": getattr(self, f"w_{n}") >= 0 for n in LOSS_NAMES},
-            "balance_weight": self.balance_weight >= 0,
+            "balance_weight": self.balance_weight >= 0, "sinkhorn_epsilon": self.sinkhorn_epsilon > 0,
+            "sinkhorn_iters": self.sinkhorn_iters >= 1,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -100,22 +104,33 @@ class MirrorConfig:
 
 class StyleClustering(nn.Module):
     """Shared by both modalities: embedding -> diagonal Gaussian (mu, log-var) -> sample ->
-    decode -> cosine scores against prototypes (normalised on every call) / temperature ->
-    softmax assignment. In eval mode the mean is used instead of a sample."""
+    decode -> cosine scores against prototypes (normalised on every call); the assignment
+    is softmax(scores / temperature). In eval mode the mean is used instead of a sample.
+    ``forward`` returns (mu, logvar, scores): the balance term needs the raw scores."""
 
     def __init__(self, *, d: int, d_latent: int, n_prototypes: int, temperature: float) -> None:
         super().__init__()
         self.temperature = temperature
-        self.to_gaussian = nn.Linear(d, 2 * d_latent)
-        self.decode = nn.Sequential(nn.Linear(d_latent, d), nn.GELU(), nn.Linear(d, d))
+        # no biases on the mean's path: the KL term shrinks the posterior means towards 0, and
+        # with biases decode(mu) then tends to one shared vector (measured: cosine 0.98-1.00
+        # between slides, one prototype for all); without them the cosine scores depend on
+        # the direction of mu only, which the shrinkage leaves alone
+        self.to_gaussian = nn.Linear(d, 2 * d_latent, bias=False)
+        self.decode = nn.Sequential(nn.Linear(d_latent, d, bias=False), nn.GELU(), nn.Linear(d, d, bias=False))
         self.prototypes = nn.Parameter(torch.randn(n_prototypes, d))
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         mu, logvar = self.to_gaussian(z).chunk(2, dim=-1)
         logvar = logvar.clamp(-10.0, 10.0)
         sample = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if self.training else mu
-        scores = F.normalize(self.decode(sample), dim=-1) @ F.normalize(self.prototypes, dim=-1).T
-        return mu, logvar, (scores / self.temperature).softmax(dim=-1)
+        return mu, logvar, self.scores(sample)
+
+    def scores(self, latent: Tensor) -> Tensor:
+        """Cosine scores (B, K) of latents against the prototypes."""
+        return F.normalize(self.decode(latent), dim=-1) @ F.normalize(self.prototypes, dim=-1).T
+
+    def assign(self, scores: Tensor) -> Tensor:
+        return (scores / self.temperature).softmax(dim=-1)
 
 
 class RetentionDecoder(nn.Module):
@@ -264,14 +279,26 @@ class Mirror(nn.Module):
         gene_hidden = torch.rand(genes.shape, device=genes.device) < cfg.mask_ratio
         rna_pred = self.rna_decoder(self.rna(genes.masked_fill(gene_hidden, 0.0)))  # 0 = training mean
         z_slide, z_rna = F.normalize(self.proj_slide(slide), dim=-1), F.normalize(self.proj_rna(rna), dim=-1)
-        mu_s, lv_s, p_s = self.style(z_slide)
-        mu_r, lv_r, p_r = self.style(z_rna)
+        mu_s, lv_s, s_s = self.style(z_slide)
+        mu_r, lv_r, s_r = self.style(z_rna)
+        p_s, p_r = self.style.assign(s_s), self.style.assign(s_r)
+        # balance (Decision): each modality's assignment is trained towards the other's
+        # Sinkhorn-balanced target (SwAV's swapped prediction), both on the posterior *means*,
+        # the path eval uses. On samples, the unit posterior noise the KL term keeps swamps
+        # the differences between slides: no assignment can predict the other modality's
+        # noise, so the best reply is one assignment for every slide (measured: a collapse).
+        # Targets are rounded to the plan's argmax (soft targets measured: entropy 0.95 of
+        # log K, yet one flat assignment shared by all slides, which soft targets allow)
+        m_s, m_r = self.style.scores(mu_s), self.style.scores(mu_r)
+        with torch.no_grad():
+            q_s, q_r = (balanced_labels(m, epsilon=cfg.sinkhorn_epsilon, n_iters=cfg.sinkhorn_iters) for m in (m_s, m_r))
+        t = self.style.temperature
         parts = {
             "align": alignment_loss(z_slide, z_rna, scale=self.scale()),
             "ret_wsi": torch.stack(retained).mean(),
             "ret_rna": retention_loss(rna_pred, genes, gene_hidden),
             "style": 0.5 * (gaussian_kl(mu_s, lv_s) + gaussian_kl(mu_r, lv_r)),
-            "cluster": symmetric_kl(p_s, p_r) + cfg.balance_weight * 0.5 * (balance_loss(p_s) + balance_loss(p_r)),
+            "cluster": symmetric_kl(p_s, p_r) + cfg.balance_weight * swapped_prediction_loss(m_s / t, m_r / t, q_s, q_r),
         }
         total = sum(getattr(cfg, f"w_{name}") * value for name, value in parts.items())
         return total, parts
@@ -289,6 +316,6 @@ class Mirror(nn.Module):
         proj = self.proj_slide if modality == "slide" else self.proj_rna
         was = self.style.training
         self.style.eval()
-        _, _, p = self.style(F.normalize(proj(embedding), dim=-1))
+        _, _, scores = self.style(F.normalize(proj(embedding), dim=-1))
         self.style.train(was)
-        return p
+        return self.style.assign(scores)

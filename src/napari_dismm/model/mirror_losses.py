@@ -9,9 +9,12 @@ Kept apart from the modules so each can be checked against a direct computation:
   its own target);
 - style: KL of each diagonal Gaussian posterior to N(0, I);
 - cluster: symmetric KL between the two modalities' prototype assignments, plus a balance
-  term, log K - H(mean assignment) + mean H(assignment), that is 0 only when decided
-  assignments use all prototypes evenly (Decision: without it the assignment may
-  collapse onto one prototype, or onto one flat distribution shared by every sample).
+  term (Decision: without it the assignment may collapse onto one prototype): each
+  modality's prediction is trained towards the *other* modality's Sinkhorn-Knopp labels
+  (:func:`balanced_labels`: the argmax of :func:`sinkhorn_targets`, without gradient),
+  which spread the batch over the prototypes by construction (the equal-partition
+  constraint removes what all samples share), so a collapsed prediction always pays.
+  :func:`balance_loss` (mutual-information form) measures balance, e.g. in tests.
 """
 
 from __future__ import annotations
@@ -27,9 +30,12 @@ from napari_dismm.errors import DataError
 __all__ = [
     "alignment_loss",
     "balance_loss",
+    "balanced_labels",
     "gaussian_kl",
     "mean_assignment_entropy",
     "retention_loss",
+    "sinkhorn_targets",
+    "swapped_prediction_loss",
     "symmetric_kl",
 ]
 
@@ -85,3 +91,53 @@ def balance_loss(p: Tensor, *, eps: float = 1e-8) -> Tensor:
     evenly; log K for a batch on one prototype or all on one flat distribution."""
     per_sample = -(p * (p + eps).log()).sum(dim=-1).mean()
     return math.log(p.shape[-1]) - mean_assignment_entropy(p) + per_sample
+
+
+@torch.no_grad()
+def sinkhorn_targets(scores: Tensor, *, epsilon: float = 0.05, n_iters: int = 3) -> Tensor:
+    """Balanced soft targets (B, K) for (B, K) prototype scores, without gradient.
+
+    Sinkhorn-Knopp on Q = exp(scores / epsilon): alternately rescale so that every
+    prototype receives 1/K of the batch's mass and every sample carries 1/B (the
+    equal-partition constraint), then return each sample's row normalised to sum to 1.
+    Whatever the scores, the targets cannot put the whole batch on one prototype: with
+    B >= K each prototype gets about B/K samples' worth of mass, with B < K the samples
+    spread over disjoint groups of prototypes. Computed in log space (scores of any scale).
+    The last step normalises the samples, so rows sum to 1 exactly; the prototype
+    marginals are balanced up to the iterations' tolerance."""
+    if scores.ndim != 2:
+        raise DataError(f"sinkhorn_targets needs (B, K) scores, got {tuple(scores.shape)}")
+    if n_iters < 1 or epsilon <= 0:
+        raise DataError("sinkhorn_targets needs n_iters >= 1 and epsilon > 0")
+    bsz, k = scores.shape
+    log_q = scores.detach().double() / epsilon
+    log_q = log_q - log_q.max()
+    for _ in range(n_iters):
+        log_q = log_q - log_q.logsumexp(dim=0, keepdim=True) - math.log(k)    # prototypes: 1/K each
+        log_q = log_q - log_q.logsumexp(dim=1, keepdim=True) - math.log(bsz)  # samples: 1/B each
+    return (log_q + math.log(bsz)).exp().to(scores.dtype)
+
+
+def swapped_prediction_loss(logits_a: Tensor, logits_b: Tensor, target_a: Tensor, target_b: Tensor) -> Tensor:
+    """0.5 (KL(target_b || softmax(logits_a)) + KL(target_a || softmax(logits_b))), batch mean.
+
+    SwAV's swapped prediction between two views, here the two modalities: each predicts the
+    balanced target of the other (targets carry no gradient). In KL form, so it is 0 when
+    the predictions equal the targets."""
+    def kl(target: Tensor, logits: Tensor) -> Tensor:
+        target = target.detach()
+        return (target * (target.clamp_min(1e-12).log() - logits.log_softmax(dim=-1))).sum(-1).mean()
+
+    return 0.5 * (kl(target_b, logits_a) + kl(target_a, logits_b))
+
+
+@torch.no_grad()
+def balanced_labels(scores: Tensor, *, epsilon: float = 0.05, n_iters: int = 3) -> Tensor:
+    """One-hot (B, K) labels: each sample's argmax of the Sinkhorn plan (SeLa's self-labels).
+
+    Rounded because soft targets of near-equal scores are near-uniform, and one flat
+    assignment shared by every sample would meet them at zero loss. The plan's prototype
+    normalisation removes what every sample shares, so near-identical samples still get
+    spread labels (the argmax of the raw scores would give them all the same one)."""
+    plan = sinkhorn_targets(scores, epsilon=epsilon, n_iters=n_iters)
+    return F.one_hot(plan.argmax(dim=1), scores.shape[1]).to(scores.dtype)
