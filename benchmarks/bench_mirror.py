@@ -5,9 +5,9 @@
 Each bag size runs in a fresh subprocess (so peak memory is that run's own). One step =
 ``Mirror.pretrain_losses`` (slide encoder with [CLS], linear-cost attention and the
 positional convolution on the real lattice, masked-token retention decoder, RNA encoder
-and decoder, CLIP alignment, style clustering) + backward + AdamW step, with the default
-MirrorConfig (d_in 1024, d 128, 2000 genes, 3000 prototypes), B = 2 slides (CLIP needs a
-pair) of N tokens each at one magnification, lattice coordinates. Time = best wall time
+and decoder, CLIP alignment, style clustering with its Sinkhorn balance labels) +
+backward + AdamW step, with the default MirrorConfig (d_in 1024, d 128, 2000 genes, 3000
+prototypes), B = 2 slides (CLIP needs a pair) of N tokens each at one magnification, lattice coordinates. Time = best wall time
 of ``--repeats`` steps after one warm-up step (process CPU time beside it). Peak memory
 = peak RSS during a step minus the RSS just before it, polled every 2 ms.
 
