@@ -7,8 +7,8 @@ Each bag size runs in a fresh subprocess (so peak memory is that run's own). One
 positional convolution on the real lattice, masked-token retention decoder, RNA encoder
 and decoder, CLIP alignment, style clustering with its Sinkhorn balance labels) +
 backward + AdamW step, with the default MirrorConfig (d_in 1024, d 128, 2000 genes, 3000
-prototypes), B = 2 slides (CLIP needs a pair) of N tokens each at one magnification, lattice coordinates. Time = best wall time
-of ``--repeats`` steps after one warm-up step (process CPU time beside it). Peak memory
+prototypes), B = 2 slides (CLIP needs a pair) of N tokens each at one magnification,
+lattice coordinates. Time = best wall time of ``--repeats`` steps after one warm-up step (process CPU time beside it). Peak memory
 = peak RSS during a step minus the RSS just before it, polled every 2 ms.
 
 The growth exponent is fitted on log-log over the sizes (goal: about 1, i.e. linear;
