@@ -27,12 +27,7 @@ from napari_dismm.model.registry import build_model
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: more threads only contend
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 SMALL = {"kind": "mirror", "d_in": 12, "d": 16, "n_genes": 9, "n_prototypes": 6, "magnifications": ("20x",),

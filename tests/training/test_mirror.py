@@ -38,12 +38,7 @@ DECOY = 6.0
 MODELS = ["teacher", "student", "meanpool_probe", "mirror_probe", "mirror_fewshot"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
