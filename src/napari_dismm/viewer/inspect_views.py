@@ -43,11 +43,12 @@ class SubspaceScatter(QWidget):
     def set_data(self, x: np.ndarray, y: np.ndarray, *, title: str = "") -> None:
         self.x, self.y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
         self.ax.clear()
-        self.points = self.ax.scatter(self.x, self.y, s=9, c=[BASE_COLOUR] * len(self.x), linewidths=0)
+        self.points = self.ax.scatter(self.x, self.y, s=14, c=[BASE_COLOUR] * len(self.x), linewidths=0)
         top = float(max(self.x.max(initial=1), self.y.max(initial=1))) * 1.05
         self.ax.plot([0, top], [0, top], color="grey", lw=0.7, ls="--")
-        self.ax.set_xlim(0, top)
-        self.ax.set_ylim(0, top)
+        pad = 0.03 * top  # points at 0 (a patch one subspace ignores) stay off the axes' spines
+        self.ax.set_xlim(-pad, top)
+        self.ax.set_ylim(-pad, top)
         self.ax.set_xlabel("tumor attention (x patches)", fontsize=8)
         self.ax.set_ylabel("TME attention (x patches)", fontsize=8)
         self.ax.tick_params(labelsize=7)
@@ -77,7 +78,7 @@ class SubspaceScatter(QWidget):
         colours = np.tile(BASE_COLOUR, (len(self.x), 1))
         colours[self.highlighted] = HIGHLIGHT_COLOUR
         self.points.set_facecolors(colours)
-        self.points.set_sizes(np.where(np.isin(np.arange(len(self.x)), self.highlighted), 20, 9))
+        self.points.set_sizes(np.where(np.isin(np.arange(len(self.x)), self.highlighted), 28, 14))
         self.canvas.draw_idle()
 
     def display_xy(self, x: float, y: float) -> tuple[float, float]:
