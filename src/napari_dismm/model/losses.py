@@ -143,16 +143,13 @@ def dev_term(a10: Tensor, pooled20: Tensor, *, scale: float = 1e4, form: str = "
         raise ValueError(f"DEV form must be one of {DEV_FORMS}, got {form!r}")
     if a10.shape[0] < 2:
         return a10.sum() * 0.0
-    tiny = torch.finfo(a10.dtype).tiny
     if form == "per_slide":
         agreement = _pearson(a10, pooled20, mask)
         shortfall = torch.relu(agreement.mean().detach() - agreement)
         return scale * shortfall.square().sum() / (agreement.shape[0] - 1)
-    else:
-        sim = a10 @ pooled20.T
-        sim = sim / sim.norm(dim=1, keepdim=True).clamp(min=tiny)
-        agreement = torch.diagonal(sim)
-    return scale * agreement.var(unbiased=True)
+    sim = a10 @ pooled20.T
+    sim = sim / sim.norm(dim=1, keepdim=True).clamp(min=torch.finfo(sim.dtype).tiny)
+    return scale * torch.diagonal(sim).var(unbiased=True)
 
 
 def dev_loss(

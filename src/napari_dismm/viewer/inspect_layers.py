@@ -17,9 +17,12 @@ import numpy as np
 import pandas as pd
 
 from napari_dismm.errors import DismmError
-from napari_dismm.viewer.prediction_layers import LayerData, _centres_yx, grid_for, magnifications_of, mean_grid
+from napari_dismm.errors import SlideError
+from napari_dismm.tiling import magnification_to_mpp
+from napari_dismm.viewer.prediction_layers import (LayerData, _centres_yx, grid_for, magnifications_of, mean_grid,
+                                                  world_frame)
 
-DIVERGING_COLORMAP = "PiYG"  # pink = tumor attends more, green = TME attends more
+DIVERGING_COLORMAP = "PiYG"  # green (positive) = tumor attends more, pink (negative) = TME attends more
 
 
 def patch_rows(patches: pd.DataFrame, magnification: str | None = None) -> tuple[pd.DataFrame, str]:
@@ -48,8 +51,7 @@ def difference_layer_data(prediction, rows: pd.DataFrame, mag: str) -> LayerData
     finite = np.abs(raw[np.isfinite(raw)])
     limit = float(np.percentile(finite, 99)) if finite.size else 1.0
     limit = limit if limit > 0 else 1.0
-    mpp = float(prediction.mpp) if prediction.mpp else 1.0
-    units = ("um", "um") if prediction.mpp else ("pixel", "pixel")
+    mpp, units = world_frame(prediction)
     return (raw, {
         "name": f"tumor - TME attention {mag}", **grid.world(mpp), "units": units, "colormap": DIVERGING_COLORMAP,
         "contrast_limits": (-limit, limit), "opacity": 0.7, "blending": "translucent", "interpolation2d": "nearest",
@@ -61,8 +63,7 @@ def difference_layer_data(prediction, rows: pd.DataFrame, mag: str) -> LayerData
 def linked_points_data(prediction, rows: pd.DataFrame, mag: str) -> LayerData:
     """One point per patch (row order), for selecting on the slide and highlighting."""
     tumor, tme = relative_attention(rows)
-    mpp = float(prediction.mpp) if prediction.mpp else 1.0
-    units = ("um", "um") if prediction.mpp else ("pixel", "pixel")
+    mpp, units = world_frame(prediction)
     return (_centres_yx(rows), {
         "name": f"inspect patches {mag}", "scale": (mpp, mpp), "units": units,
         "features": pd.DataFrame({"tumor_relative": tumor, "tme_relative": tme}),
@@ -78,8 +79,8 @@ def linked_points_data(prediction, rows: pd.DataFrame, mag: str) -> LayerData:
 def magnification_mpp(mag: str) -> float | None:
     """µm per pixel of a magnification label ("20x" -> 0.5), None if it is not one."""
     try:
-        return 10.0 / float(str(mag).lower().removesuffix("x"))
-    except (ValueError, ZeroDivisionError):
+        return magnification_to_mpp(mag)
+    except SlideError:
         return None
 
 

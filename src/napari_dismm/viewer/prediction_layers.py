@@ -237,6 +237,13 @@ def magnifications_of(patches: pd.DataFrame) -> list[str]:
     return sorted({str(m) for m in patches["magnification"].unique()}, key=power)
 
 
+def world_frame(prediction: PredictionLike) -> tuple[float, tuple[str, str]]:
+    """(µm per level-0 pixel, layer units) of a prediction's slide; pixels when mpp is unknown."""
+    if prediction.mpp:
+        return float(prediction.mpp), ("um", "um")
+    return 1.0, ("pixel", "pixel")
+
+
 def prediction_layer_data(
     prediction: PredictionLike,
     *,
@@ -252,8 +259,7 @@ def prediction_layer_data(
     software OpenGL, `benchmarks/bench_layers.py`), so fewer layers by default keeps opening fast."""
     patches = prediction.patches
     check_patches(patches)
-    mpp = float(prediction.mpp) if prediction.mpp else 1.0
-    units = ("um", "um") if prediction.mpp else ("pixel", "pixel")
+    mpp, units = world_frame(prediction)
     present = magnifications_of(patches)
     if magnification is None:
         mags = present[-1:]
