@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from safetensors import safe_open
 
 from tests.training.synth_files import write_cohort
 
@@ -57,7 +58,10 @@ def test_killed_and_resumed_equals_uninterrupted(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (resumed / "teacher" / "fold_0" / "metrics.json").exists(), "killed too late to test resuming"
-    epochs_done = json.loads((state.parent / "state.json").read_text())["epoch"]
+    # The scalars inside the safetensors file are the checkpoint; state.json is a copy for people,
+    # written after the rename, so a kill can land between the two.
+    with safe_open(str(state), framework="pt") as handle:
+        epochs_done = json.loads(handle.metadata()["scalars"])["epoch"]
     assert 1 <= epochs_done < CONFIG["teacher"]["epochs"]
 
     _finish(_start(files.root, resumed))
