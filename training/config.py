@@ -120,8 +120,10 @@ class TeacherSettings:
     lr: float = _f(2e-4, "AdamW learning rate", lo=0, lo_open=True)
     weight_decay: float = _f(1e-5, "AdamW weight decay", lo=0)
     cgc: bool = _f(True, "confidence-guided gradient coordination on the fusion head")
-    dev_weight: float = _f(1e-3, "weight of the DEV inter-magnification loss (0 = off); with dev_scale 1e4 "
-                           "the per-slide term starts near the task loss's size", lo=0)
+    dev_weight: float = _f(1e-2, "weight of the DEV inter-magnification loss (0 = off); with dev_scale 1e4 "
+                           "the per-slide term is then about the task loss's size", lo=0)
+    dev_warmup: int = _f(5, "epochs of task loss alone before DEV enters (DEV's gradient on near-uniform "
+                         "attention maps swamps the task's and fits noise; see model/losses.py)", lo=0)
     dev_form: str = _f("per_slide", "how DEV measures a slide's 10x-vs-20x agreement: per_slide (cosine on the "
                        "slide's own grid) or reference (the paper's batch-row-normalised product)",
                        choices=("per_slide", "reference"))

@@ -68,7 +68,10 @@ class LoopSettings:
 
 
 class Objective(Protocol):
-    """A model's training loss: ``train_loss`` before backward, ``after_backward`` before the step."""
+    """A model's training loss: ``train_loss`` before backward, ``after_backward`` before the step.
+
+    An objective whose terms depend on the epoch (a warm-up) may also define
+    ``set_epoch(epoch)``; the loop calls it before each epoch, also after a resume."""
 
     task: str
 
@@ -294,6 +297,8 @@ def train_fold(
         epoch = info["epoch"]
         torch.manual_seed(seed_for(settings.seed, name, fold, epoch))
         data.train.set_epoch(epoch)
+        if hasattr(objective, "set_epoch"):
+            objective.set_epoch(epoch)
         net.train()
         sums: dict[str, float] = {}
         steps = epoch_batches(len(data.train), batch_size=settings.batch_size,

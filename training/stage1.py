@@ -2,7 +2,7 @@
 
 Teacher loss per step, documented choice:
     L = L_task(combined logits) + mean over magnifications of L_task(logits at m)
-        + dev_weight * L_DEV
+        + dev_weight * L_DEV   (from epoch ``dev_warmup`` on)
 The combined logits (max confidence) pass each sample's gradient to one magnification
 only; the per-magnification terms keep both magnifications' heads trained, which the
 combination rule and DEV rely on. CGC (``model.cgc.CGCStep``) acts on every fusion head
@@ -110,7 +110,7 @@ def prepare_fold(
     return FoldSetup(cohort, index, data, cfg, d_in, patch, size10, encoder, weights)
 
 
-def model_config(kind: str, setup: FoldSetup, *, cgc: bool = True, dev_weight: float = 1e-3,
+def model_config(kind: str, setup: FoldSetup, *, cgc: bool = True, dev_weight: float = 1e-2,
                  subspace_split: bool = True) -> dict[str, Any]:
     """The architecture dict of ``kind`` for this fold (n_outputs, widths, genes)."""
     m = setup.cfg.model
@@ -137,14 +137,18 @@ class SupervisedObjective:
 
     def __init__(self, model: nn.Module, *, task: str, class_weights: Tensor | None,
                  dev_weight: float = 0.0, cgc: bool = False, patch_size_10x_level0: float = 448.0,
-                 dev_scale: float = 1e4, dev_form: str = "per_slide") -> None:
+                 dev_scale: float = 1e4, dev_form: str = "per_slide", dev_warmup: int = 0) -> None:
         self.task = task
         self.class_weights = class_weights
         mags = set(model.config.magnifications)
         self.dev_weight = dev_weight if {"10x", "20x"} <= mags else 0.0
         self.patch_size_10x_level0, self.dev_scale, self.dev_form = patch_size_10x_level0, dev_scale, dev_form
+        self.dev_warmup, self.epoch = dev_warmup, 0
         heads = getattr(model, "fusion_heads", None)
         self.cgc = CGCStep(heads, task=task, enabled=cgc and heads is not None) if heads is not None else None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def _task(self, logits: Tensor, batch: Batch) -> Tensor:
         return task_loss(logits, batch.target, task=self.task, events=batch.event, class_weights=self.class_weights)
@@ -155,7 +159,7 @@ class SupervisedObjective:
         per_mag = torch.stack([self._task(lg, batch) for lg in out.per_magnification_logits.values()]).mean()
         loss = combined + per_mag
         parts = {"task": float(combined.detach()), "task_per_mag": float(per_mag.detach())}
-        if self.dev_weight > 0 and len(batch) >= 2:
+        if self.dev_weight > 0 and len(batch) >= 2 and self.epoch >= self.dev_warmup:
             dev = dev_loss_from_output(out, batch.coords, batch.masks,
                                        patch_size_10x_level0=self.patch_size_10x_level0, scale=self.dev_scale,
                                        form=self.dev_form)
@@ -195,7 +199,8 @@ def train_supervised_fold(
                                     dev_weight=dev_weight, cgc=cgc,
                                     patch_size_10x_level0=setup.patch_size_10x_level0,
                                     dev_scale=getattr(model.config, "dev_scale", 1e4),
-                                    dev_form=getattr(model.config, "dev_form", "per_slide"))
+                                    dev_form=getattr(model.config, "dev_form", "per_slide"),
+                                    dev_warmup=cfg.teacher.dev_warmup if kind == "teacher" else 0)
     return train_fold(model=model, objective=objective, data=setup.data, settings=settings, fold_dir=out_dir,
                       name=name, fold=setup.index, extras=setup.extras(name), class_weights=setup.class_weights,
                       class_names=setup.cohort.class_names, ctx=ctx)

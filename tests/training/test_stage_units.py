@@ -97,6 +97,23 @@ def test_teacher_objective_has_every_term_and_cgc_acts(setup):
     assert "dev" not in parts_off and off.after_backward() == {}
 
 
+def test_dev_enters_after_its_warmup(setup):
+    """Epochs before ``dev_warmup`` train on the task alone; from it on, DEV is in the loss."""
+    torch.manual_seed(1)
+    model = build_model(model_config("teacher", setup))
+    obj = SupervisedObjective(model, task="classification", class_weights=setup.class_weights, dev_weight=1.0,
+                              patch_size_10x_level0=setup.patch_size_10x_level0, dev_warmup=2)
+    batch = collate_bags([setup.data.train[i] for i in range(4)])
+    seen = {}
+    for epoch in range(4):
+        obj.set_epoch(epoch)
+        loss, parts = obj.train_loss(model, batch)
+        seen[epoch] = "dev" in parts
+        if seen[epoch]:
+            assert parts["dev"] > 0 and float(loss) > parts["task"] + parts["task_per_mag"]
+    assert seen == {0: False, 1: False, 2: True, 3: True}
+
+
 def test_student_prototypes_and_distillation_terms(setup):
     torch.manual_seed(2)
     teacher = build_model(model_config("teacher", setup)).eval()

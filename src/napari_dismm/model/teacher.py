@@ -46,7 +46,7 @@ class TeacherConfig:
     n_heads: int = 4
     combine: str = "max_confidence"
     cgc: bool = True
-    dev_weight: float = 1e-3
+    dev_weight: float = 1e-2
     dev_scale: float = 1e4
     dev_form: str = "per_slide"
     patch_size_10x_level0: float = 448.0
