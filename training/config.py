@@ -120,13 +120,14 @@ class TeacherSettings:
     lr: float = _f(2e-4, "AdamW learning rate", lo=0, lo_open=True)
     weight_decay: float = _f(1e-5, "AdamW weight decay", lo=0)
     cgc: bool = _f(True, "confidence-guided gradient coordination on the fusion head")
-    dev_weight: float = _f(1e-2, "weight of the DEV inter-magnification loss (0 = off); with dev_scale 1e4 "
-                           "the per-slide term is then about the task loss's size", lo=0)
+    dev_weight: float = _f(3e-4, "weight of the DEV inter-magnification loss (0 = off; with dev_scale 1e4 the "
+                           "agreement term then starts near the task loss's size)", lo=0)
     dev_warmup: int = _f(5, "epochs of task loss alone before DEV enters (DEV's gradient on near-uniform "
                          "attention maps swamps the task's and fits noise; see model/losses.py)", lo=0)
-    dev_form: str = _f("per_slide", "how DEV measures a slide's 10x-vs-20x agreement: per_slide (cosine on the "
-                       "slide's own grid) or reference (the paper's batch-row-normalised product)",
-                       choices=("per_slide", "reference"))
+    dev_form: str = _f("agreement", "how DEV charges a slide's 10x-vs-20x attention correlation: agreement "
+                       "(every slide's distance from 1), per_slide (slides below the batch mean) or reference "
+                       "(the paper's batch-row-normalised product; see model/losses.py)",
+                       choices=("agreement", "per_slide", "reference"))
     patience: int = _f(10, "epochs without validation improvement before stopping (0 = never stop early)", lo=0)
 
     def __post_init__(self) -> None:

@@ -110,7 +110,7 @@ def prepare_fold(
     return FoldSetup(cohort, index, data, cfg, d_in, patch, size10, encoder, weights)
 
 
-def model_config(kind: str, setup: FoldSetup, *, cgc: bool = True, dev_weight: float = 1e-2,
+def model_config(kind: str, setup: FoldSetup, *, cgc: bool = True, dev_weight: float = 3e-4,
                  subspace_split: bool = True) -> dict[str, Any]:
     """The architecture dict of ``kind`` for this fold (n_outputs, widths, genes)."""
     m = setup.cfg.model
@@ -137,7 +137,7 @@ class SupervisedObjective:
 
     def __init__(self, model: nn.Module, *, task: str, class_weights: Tensor | None,
                  dev_weight: float = 0.0, cgc: bool = False, patch_size_10x_level0: float = 448.0,
-                 dev_scale: float = 1e4, dev_form: str = "per_slide", dev_warmup: int = 0) -> None:
+                 dev_scale: float = 1e4, dev_form: str = "agreement", dev_warmup: int = 0) -> None:
         self.task = task
         self.class_weights = class_weights
         mags = set(model.config.magnifications)
@@ -199,7 +199,7 @@ def train_supervised_fold(
                                     dev_weight=dev_weight, cgc=cgc,
                                     patch_size_10x_level0=setup.patch_size_10x_level0,
                                     dev_scale=getattr(model.config, "dev_scale", 1e4),
-                                    dev_form=getattr(model.config, "dev_form", "per_slide"),
+                                    dev_form=getattr(model.config, "dev_form", "agreement"),
                                     dev_warmup=cfg.teacher.dev_warmup if kind == "teacher" else 0)
     return train_fold(model=model, objective=objective, data=setup.data, settings=settings, fold_dir=out_dir,
                       name=name, fold=setup.index, extras=setup.extras(name), class_weights=setup.class_weights,

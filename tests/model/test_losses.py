@@ -158,6 +158,24 @@ def test_dev_per_slide_charges_slides_below_the_mean_correlation():
     assert expected > 0 and float(got) == pytest.approx(expected, rel=1e-4)
 
 
+def test_dev_agreement_charges_every_slide_its_distance_from_perfect_agreement():
+    torch.manual_seed(0)
+    a10, a20 = torch.rand(4, 9), torch.rand(4, 9)
+    mask = torch.ones(4, 9, dtype=torch.bool)
+    mask[1, 5:] = False
+    r = np.array([np.corrcoef(a10[i, :int(mask[i].sum())].numpy(), a20[i, :int(mask[i].sum())].numpy())[0, 1]
+                  for i in range(4)])
+    got = dev_term(a10 * mask, a20 * mask, form="agreement", mask=mask)
+    assert float(got) == pytest.approx(1e4 * np.mean((1 - r) ** 2), rel=1e-4)
+    # maps that agree up to scale and offset cost nothing, whatever their sizes
+    same = dev_term(a10 * mask, (3 * a10 + 1) * mask, form="agreement", mask=mask)
+    assert float(same) == pytest.approx(0.0, abs=1e-6)
+    # and every slide below 1 gets a gradient, the best one too (unlike per_slide)
+    x = a10.clone().requires_grad_(True)
+    dev_term(x, a20, form="agreement").backward()
+    assert bool((x.grad.abs().sum(dim=1) > 0).all())
+
+
 def test_dev_per_slide_gradient_raises_laggards_and_leaves_leaders():
     """The batch mean is a fixed target: only the less consistent slides get a gradient."""
     torch.manual_seed(1)
@@ -183,7 +201,8 @@ def test_dev_per_slide_is_zero_for_consistent_slides_of_any_size_where_the_refer
         m10[i, :n] = True
         maps[i, :n] = 0.2 / n
         maps[i, peak] += 0.8 / len(peak)
-    assert float(_dev_case(maps, maps, c10, c10, form="per_slide", masks10=m10)) == pytest.approx(0.0, abs=1e-6)
+    for form in ("per_slide", "agreement"):
+        assert float(_dev_case(maps, maps, c10, c10, form=form, masks10=m10)) == pytest.approx(0.0, abs=1e-6)
     assert float(_dev_case(maps, maps, c10, c10, form="reference", masks10=m10)) > 1.0
     # and it sees a slide that disagrees with itself across magnifications
     flipped = maps.clone()

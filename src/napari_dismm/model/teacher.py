@@ -46,9 +46,9 @@ class TeacherConfig:
     n_heads: int = 4
     combine: str = "max_confidence"
     cgc: bool = True
-    dev_weight: float = 1e-2
+    dev_weight: float = 3e-4
     dev_scale: float = 1e4
-    dev_form: str = "per_slide"
+    dev_form: str = "agreement"
     patch_size_10x_level0: float = 448.0
     subspace_split: bool = True
 
