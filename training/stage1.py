@@ -110,9 +110,10 @@ def prepare_fold(
     return FoldSetup(cohort, index, data, cfg, d_in, patch, size10, encoder, weights)
 
 
-def model_config(kind: str, setup: FoldSetup, *, cgc: bool = True, dev_weight: float = 3e-4,
+def model_config(kind: str, setup: FoldSetup, *, cgc: bool = True, dev_weight: float | None = None,
                  subspace_split: bool = True) -> dict[str, Any]:
-    """The architecture dict of ``kind`` for this fold (n_outputs, widths, genes)."""
+    """The architecture dict of ``kind`` for this fold (n_outputs, widths, genes); the
+    teacher's DEV weight defaults to the run's ``[teacher] dev_weight``."""
     m = setup.cfg.model
     common = {"kind": kind, "task": setup.task, "n_outputs": setup.n_outputs, "d_in": setup.d_in, "d": m.d,
               "magnifications": tuple(setup.cohort.magnifications), "combine": m.combine}
@@ -121,7 +122,8 @@ def model_config(kind: str, setup: FoldSetup, *, cgc: bool = True, dev_weight: f
     match kind:
         case "teacher":
             return {**common, **genes, "dropout": m.dropout, "n_heads": m.n_heads, "cgc": cgc,
-                    "dev_weight": dev_weight, "patch_size_10x_level0": setup.patch_size_10x_level0,
+                    "dev_weight": setup.cfg.teacher.dev_weight if dev_weight is None else dev_weight,
+                    "patch_size_10x_level0": setup.patch_size_10x_level0,
                     "subspace_split": subspace_split, "dev_form": setup.cfg.teacher.dev_form}
         case "student":
             return {**common, "k": m.k, "knn": m.knn, "n_heads": m.n_heads, "dropout": m.dropout}
