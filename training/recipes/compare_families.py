@@ -31,7 +31,7 @@ CONFIG = {
     "student": {"epochs": 30, "lr": 1e-3, "patience": 8},
 }
 #: The MIRROR settings of tests/training/test_mirror.py (its own width: 32).
-MIRROR = MirrorSettings(magnifications=("10x",), d=32, epochs=25, patience=5, n_prototypes=16, lr=2e-3)
+MIRROR = MirrorSettings(magnifications=("10x",), d=32, epochs=40, n_prototypes=16, lr=2e-3)
 MODELS = ["teacher", "student", "meanpool_probe", "mirror_probe", "mirror_fewshot"]
 
 
