@@ -142,6 +142,8 @@ class StudentSettings:
     lambda_kd: float = _f(0.01, "weight of the logit distillation (KL at temperature T)", lo=0)
     lambda_f: float = _f(0.01, "weight of the per-subspace feature distillation", lo=0)
     temperature: float = _f(2.0, "distillation temperature T", lo=0, lo_open=True)
+    name_by_teacher: bool = _f(True, "after training, name the student's tumor / TME maps by which pairing agrees "
+                               "more with the teacher's maps on the training patients (training/stage2.py)")
     patience: int = _f(10, "epochs without validation improvement before stopping (0 = never stop early)", lo=0)
 
     def __post_init__(self) -> None:

@@ -270,8 +270,14 @@ def train_fold(
     class_names: Sequence[str] = (),
     ctx: DistContext = SINGLE,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    finalize: Callable[[nn.Module], dict[str, Any]] | None = None,
 ) -> FoldOutcome:
     """Train one model on one fold, select on validation, test once; resume if possible.
+
+    ``finalize`` runs on the selected model before its test pass and may change it in
+    place (without changing its predictions, e.g. renaming subspaces); what it returns
+    goes into ``best/config.json`` too. It runs before ``metrics.json`` is written, so a
+    killed run never leaves a finished fold that skipped it.
 
     A fold whose ``metrics.json`` exists is finished and is read back, not retrained.
     ``extras`` go into ``best/config.json`` (gene lists, normaliser, bin edges, ...).
@@ -334,12 +340,14 @@ def train_fold(
         if on_epoch is not None:
             on_epoch(row)
     model.load_state_dict(best)
+    finalized = finalize(model) if finalize is not None else {}
     test = predict(model, data.test, batch_size=settings.batch_size, device=device)
     metrics = score(test, task=task)
     if ctx.is_main:
         write_history(info["history"], fold_dir / "history")
         predictions_frame(test, task=task, class_names=class_names).to_csv(fold_dir / "test_predictions.csv", index=False)
-        save_model(model, fold_dir / "best", extra={**extras, "fold": fold, "best_epoch": info["best_epoch"]})
+        save_model(model, fold_dir / "best",
+                   extra={**extras, **finalized, "fold": fold, "best_epoch": info["best_epoch"]})
         document = {"model": name, "fold": fold, "task": task, "best_epoch": info["best_epoch"],
                     "epochs_run": info["epoch"], "n_test_patients": len(set(test.patient_ids)),
                     "test": {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}}

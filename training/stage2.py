@@ -9,14 +9,28 @@ where distillation_loss_m = L_task(student logits at m) + lambda_kd * T^2 KL(tea
 + lambda_f * per-subspace feature loss at m (model.losses.distillation_loss). The teacher
 sees the same (subsampled) bags and the genes; the student never sees genes. Early stopping
 on the validation split and one test pass, as for every model (engine.train_fold).
+
+Naming the student's subspaces (``[student] name_by_teacher``): which of the student's two
+token clusters the prototype rule calls "tumor" depends on how its token space happened to
+line up with the teacher's features, and came out either way per fold and magnification
+(data/demo_model/README.md). The teacher's maps carry the meaning (its tumor map is queried
+by the tumor genes), so after training, per magnification, the student's maps are compared
+with the teacher's on the fold's *training* patients (mean Spearman correlation over slides,
+as named and swapped), and the names are swapped where the swapped pairing agrees more
+(``Student.swap_subspaces``: every logit unchanged). No planted truth and no held-out
+patient is used.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.stats import spearmanr
 from torch import Tensor, nn
 
 from napari_dismm.errors import DataError
@@ -26,7 +40,7 @@ from napari_dismm.model.outputs import SUBSPACES
 from napari_dismm.model.registry import build_model
 from training.dataset import Batch, SlideDataset, collate_bags
 from training.ddp import SINGLE, DistContext
-from training.engine import FoldOutcome, LoopSettings, iterate, seed_for, train_fold
+from training.engine import FoldOutcome, LoopSettings, iterate, predict, seed_for, train_fold
 from training.stage1 import FoldSetup, model_config
 
 
@@ -49,6 +63,51 @@ def teacher_prototypes(teacher: nn.Module, dataset: SlideDataset, *, batch_size:
     if count == 0:
         raise DataError("no training slide to set the student's prototypes from")
     return {mag: {u: v / count for u, v in per.items()} for mag, per in sums.items()}
+
+
+def teacher_agreement(student: nn.Module, teacher: nn.Module, dataset: SlideDataset, *, batch_size: int = 8,
+                      device: torch.device | str = "cpu") -> dict[str, dict[str, float]]:
+    """Per magnification, the mean over slides of the Spearman correlation between the
+    student's and the teacher's maps, paired as named (tumor-tumor, TME-TME) and swapped
+    (tumor-TME, TME-tumor); each pairing averages its two subspaces."""
+    s_maps = predict(student, dataset, batch_size=batch_size, device=device, attention=True).attention
+    t_maps = predict(teacher, dataset, batch_size=batch_size, device=device, attention=True).attention
+    pairings = {"as_named": (("tumor", "tumor"), ("tme", "tme")), "swapped": (("tumor", "tme"), ("tme", "tumor"))}
+    out: dict[str, dict[str, float]] = {}
+    for mag in student.config.magnifications:
+        rows: dict[str, list[float]] = {name: [] for name in pairings}
+        for s_slide, t_slide in zip(s_maps, t_maps, strict=True):
+            if mag not in s_slide or mag not in t_slide or len(s_slide[mag]["tumor"]) < 3:
+                continue
+            for name, pairs in pairings.items():
+                rows[name].append(_mean_finite([_spearman(s_slide[mag][a], t_slide[mag][b]) for a, b in pairs]))
+        out[mag] = {name: _mean_finite(values) for name, values in rows.items()}
+    return out
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Rank correlation; NaN when either map is constant (it has no ranking)."""
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    return float(spearmanr(a, b).statistic)
+
+
+def _mean_finite(values) -> float:
+    """Mean of the finite values; NaN if none."""
+    finite = [float(v) for v in values if math.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def name_subspaces_by_teacher(student: nn.Module, teacher: nn.Module, dataset: SlideDataset, *,
+                              batch_size: int = 8, device: torch.device | str = "cpu"
+                              ) -> tuple[list[str], dict[str, dict[str, float]]]:
+    """Swap the student's tumor / TME names at the magnifications where the swapped pairing
+    agrees more with the teacher (see the module docstring); returns (swapped, agreement)."""
+    agreement = teacher_agreement(student, teacher, dataset, batch_size=batch_size, device=device)
+    swapped = [mag for mag, a in agreement.items() if a["swapped"] > a["as_named"]]
+    for mag in swapped:
+        student.swap_subspaces(mag)
+    return swapped, agreement
 
 
 class DistillationObjective:
@@ -109,6 +168,13 @@ def train_student_fold(
                                       temperature=s.temperature, lambda_kd=s.lambda_kd, lambda_f=s.lambda_f)
     extras = setup.extras(name)
     extras["teacher"] = str(teacher_dir)  # gene lists stay: what the teacher it learnt from read
+
+    def name_by_teacher(model: nn.Module) -> dict[str, Any]:
+        swapped, agreement = name_subspaces_by_teacher(model, teacher, setup.data.train,
+                                                       batch_size=cfg.data.batch_size, device=ctx.device)
+        return {"teacher_naming": {"swapped": swapped, "agreement": agreement}}
+
     return train_fold(model=student, objective=objective, data=setup.data, settings=settings, fold_dir=out_dir,
                       name=name, fold=setup.index, extras=extras, class_weights=setup.class_weights,
-                      class_names=setup.cohort.class_names, ctx=ctx)
+                      class_names=setup.cohort.class_names, ctx=ctx,
+                      finalize=name_by_teacher if s.name_by_teacher else None)

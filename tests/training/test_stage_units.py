@@ -13,7 +13,7 @@ from training.ddp import DistContext, epoch_batches
 from training.engine import load_checkpoint, save_checkpoint, seed_for
 from training.splits import split_cohort
 from training.stage1 import SupervisedObjective, model_config, prepare_fold
-from training.stage2 import DistillationObjective, teacher_prototypes
+from training.stage2 import DistillationObjective, name_subspaces_by_teacher, teacher_prototypes
 from napari_dismm.model.registry import build_model
 from tests.training.synth_files import write_cohort
 
@@ -110,7 +110,7 @@ def test_dev_enters_after_its_warmup(setup):
         loss, parts = obj.train_loss(model, batch)
         seen[epoch] = "dev" in parts
         if seen[epoch]:
-            assert parts["dev"] > 0 and float(loss) > parts["task"] + parts["task_per_mag"]
+            assert parts["dev"] > 0 and float(loss.detach()) > parts["task"] + parts["task_per_mag"]
     assert seen == {0: False, 1: False, 2: True, 3: True}
 
 
@@ -132,3 +132,35 @@ def test_student_prototypes_and_distillation_terms(setup):
     loss.backward()
     assert all(p.grad is None for p in teacher.parameters())  # the teacher is frozen
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+
+
+def test_swapping_subspaces_renames_the_maps_and_keeps_every_logit(setup):
+    torch.manual_seed(3)
+    student = build_model(model_config("student", setup)).eval()
+    batch = collate_bags([setup.data.train[i] for i in range(4)])
+    with torch.no_grad():
+        before = student(batch.bags, coords=batch.coords, masks=batch.masks)
+        student.swap_subspaces("10x")
+        after = student(batch.bags, coords=batch.coords, masks=batch.masks)
+    torch.testing.assert_close(after.logits, before.logits)
+    for mag in ("10x", "20x"):
+        torch.testing.assert_close(after.per_magnification_logits[mag], before.per_magnification_logits[mag])
+    assert torch.equal(after.attention["10x"]["tumor"], before.attention["10x"]["tme"])
+    assert torch.equal(after.attention["10x"]["tme"], before.attention["10x"]["tumor"])
+    assert torch.equal(after.attention["20x"]["tumor"], before.attention["20x"]["tumor"])
+
+
+def test_naming_by_teacher_undoes_a_swap_and_leaves_agreeing_names(setup):
+    """A model's own maps stand in for the teacher's: as named, they agree perfectly."""
+    import copy
+
+    torch.manual_seed(4)
+    reference = build_model(model_config("student", setup)).eval()
+    student = copy.deepcopy(reference)
+    swapped, agreement = name_subspaces_by_teacher(student, reference, setup.data.train, batch_size=4)
+    assert swapped == [] and agreement["10x"]["as_named"] == pytest.approx(1.0)
+    student.swap_subspaces("20x")
+    swapped, agreement = name_subspaces_by_teacher(student, reference, setup.data.train, batch_size=4)
+    assert swapped == ["20x"] and agreement["20x"]["swapped"] == pytest.approx(1.0)
+    assert agreement["20x"]["as_named"] < agreement["20x"]["swapped"]
+    assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), reference.state_dict().values()))

@@ -220,19 +220,11 @@ def swap_subspaces(model_dir: Path, out_dir: Path, *, magnifications: list[str])
     symmetric in the two prototypes, so swapping them swaps which cluster is called tumor,
     and swapping the fusion head's tumor and TME weight blocks gives every logit exactly
     as before. Only the names of the two attention maps change."""
-    import torch
-
     from napari_dismm.model.checkpoint import load_model, save_model
 
     model, config = load_model(model_dir)
-    mags = list(model.config.magnifications)
-    d = model.config.d
-    with torch.no_grad():
-        for mag in magnifications:
-            i = mags.index(mag)
-            model.prototypes[i] = model.prototypes[i].flip(0).clone()
-            w = model.fusion_heads[mag].linear.weight
-            w.copy_(torch.cat([w[:, d:], w[:, :d]], dim=1))
+    for mag in magnifications:
+        model.swap_subspaces(mag)
     extra = {k: v for k, v in config.items() if k not in ("model", "model_id", "format_version")}
     extra["subspaces_renamed"] = list(magnifications)
     save_model(model, out_dir, extra=extra)

@@ -160,6 +160,21 @@ class Student(nn.Module):
                 self.prototypes[i, 1] = tme.to(self.prototypes)
                 self.prototypes_set[i] = True
 
+    @torch.no_grad()
+    def swap_subspaces(self, magnification: str) -> None:
+        """Rename tumor <-> TME at one magnification; every logit stays exactly the same.
+
+        The cluster -> subspace rule is antisymmetric in the two prototypes, so swapping
+        them swaps which clusters are called tumor; swapping the fusion head's tumor and TME
+        weight blocks then gives each logit as before. Only the maps' names change."""
+        mags = self.config.magnifications
+        if magnification not in mags:
+            raise ModelConfigError(f"unknown magnification {magnification!r}; model has {list(mags)}")
+        i, d = mags.index(magnification), self.config.d
+        self.prototypes[i] = self.prototypes[i].flip(0).clone()
+        weight = self.fusion_heads[magnification].linear.weight
+        weight.copy_(torch.cat([weight[:, d:], weight[:, :d]], dim=1))
+
     def forward(
         self,
         bags: dict[str, Tensor],
