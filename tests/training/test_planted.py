@@ -84,7 +84,7 @@ def _attention(files, run, model_name):
                    "map on its region): teacher 0.897 / 0.907 (DEV agreement after a 5-epoch warm-up), teacher_no_dev "
                    "0.81 / 0.78; "
                    "a detector that knows the planted directions reaches 0.92 from tissue type alone, 0.98 with the "
-                   "state (model/losses.py). The student keeps little of it here (0.50 / 0.51): its two ITA clusters "
+                   "state (model/losses.py). The student keeps little of it here (0.54 / 0.55): its two ITA clusters "
                    "follow patch noise on these features, and the planted mean shift lets it classify without "
                    "localising; on the rendered cohort, where tissue types cluster in encoder space, the demo "
                    "student's held-out tumor map reaches 0.90-0.96 (data/demo_model/README.md)")
