@@ -9,7 +9,8 @@ from generated data only. Steps (each cached in WORKDIR, so a re-run resumes):
    3 patient-level folds, model selection on a validation split inside each training fold);
 3. name the subspaces: with K = 2 the student's two clusters separate planted tumor from
    the rest, but which of them the teacher prototypes call "tumor" came out arbitrary
-   per fold and magnification on this cohort. Per magnification, the map that ranks
+   per fold and magnification on this cohort. Stage II now names them by agreement with
+   the teacher's maps (training/stage2.py); on top, per magnification, the map that ranks
    planted tumor higher on the fold's *training* patients is named tumor
    (:func:`swap_subspaces`: a renaming, every logit unchanged);
 4. score every fold's (renamed) student: held-out classification metrics (from the
