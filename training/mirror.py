@@ -2,8 +2,8 @@
 
 Why per fold: pretraining sees expression and slides, so pretraining on all patients
 would let the test patients shape the features a probe is judged on. Each fold therefore
-pretrains on its *training* patients only, stops early on the pretraining loss of its
-validation patients (no labels anywhere in pretraining), and the probes are fitted on the
+pretrains on its *training* patients only (a fixed schedule by default, see
+``MirrorSettings.select``; no labels anywhere in pretraining), and the probes are fitted on the
 training part, selected on the validation part and scored once on the test part, exactly
 as the DisMM models are. Results land in the same run layout and metric keys:
 
