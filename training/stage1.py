@@ -126,7 +126,8 @@ def model_config(kind: str, setup: FoldSetup, *, cgc: bool = True, dev_weight: f
                     "patch_size_10x_level0": setup.patch_size_10x_level0,
                     "subspace_split": subspace_split, "dev_form": setup.cfg.teacher.dev_form}
         case "student":
-            return {**common, "k": m.k, "knn": m.knn, "n_heads": m.n_heads, "dropout": m.dropout}
+            return {**common, "k": m.k, "knn": m.knn, "n_heads": m.n_heads, "dropout": m.dropout,
+                    "assignment": m.ita_assignment, "temperature": m.ita_temperature}
         case "abmil":
             return {**common, "dropout": m.dropout}
         case "late_fusion":

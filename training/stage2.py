@@ -6,7 +6,9 @@ teacher's layer-normalised f_T and f_E over the training patients, per magnifica
 train the student with, per step,
     L = L_task(combined) + mean over m of distillation_loss_m
 where distillation_loss_m = L_task(student logits at m) + lambda_kd * T^2 KL(teacher || student)
-+ lambda_f * per-subspace feature loss at m (model.losses.distillation_loss). The teacher
++ lambda_f * per-subspace feature loss at m + lambda_att * per-subspace attention loss at m
+(KL of the teacher's tumor / TME map from the student's; model.losses.attention_loss, a
+decision beyond the paper, documented there) (model.losses.distillation_loss). The teacher
 sees the same (subsampled) bags and the genes; the student never sees genes. Early stopping
 on the validation split and one test pass, as for every model (engine.train_fold).
 
@@ -114,12 +116,13 @@ class DistillationObjective:
     """Student loss against a frozen teacher (see the module docstring)."""
 
     def __init__(self, teacher: nn.Module, *, task: str, class_weights: Tensor | None, temperature: float,
-                 lambda_kd: float, lambda_f: float) -> None:
+                 lambda_kd: float, lambda_f: float, lambda_att: float = 0.0) -> None:
         self.teacher = teacher.eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.task, self.class_weights = task, class_weights
         self.temperature, self.lambda_kd, self.lambda_f = temperature, lambda_kd, lambda_f
+        self.lambda_att = lambda_att
 
     def _task(self, logits: Tensor, batch: Batch) -> Tensor:
         return task_loss(logits, batch.target, task=self.task, events=batch.event, class_weights=self.class_weights)
@@ -135,12 +138,13 @@ class DistillationObjective:
                 task_term=self._task(logits, batch), student_logits=logits,
                 teacher_logits=t_out.per_magnification_logits[mag], student_features=s_out.features[mag],
                 teacher_features=t_out.features[mag], task=self.task, temperature=self.temperature,
-                lambda_kd=self.lambda_kd, lambda_f=self.lambda_f,
+                lambda_kd=self.lambda_kd, lambda_f=self.lambda_f, student_attention=s_out.attention[mag],
+                teacher_attention=t_out.attention[mag], lambda_att=self.lambda_att,
             ))
-        per_mag = {k: torch.stack([t[k] for t in terms]).mean() for k in ("total", "task", "kd", "feature")}
+        per_mag = {k: torch.stack([t[k] for t in terms]).mean() for k in ("total", "task", "kd", "feature", "attention")}
         loss = combined + per_mag["total"]
         parts = {"task": float(combined.detach()), "task_per_mag": float(per_mag["task"].detach()), "kd": float(per_mag["kd"].detach()),
-                 "feature": float(per_mag["feature"].detach())}
+                 "feature": float(per_mag["feature"].detach()), "attention": float(per_mag["attention"].detach())}
         return loss, parts
 
     def after_backward(self) -> dict[str, float]:
@@ -165,7 +169,8 @@ def train_student_fold(
     settings = LoopSettings(s.epochs, s.lr, s.weight_decay, s.patience, cfg.data.batch_size, cfg.cv.select_on,
                             cfg.cv.seed)
     objective = DistillationObjective(teacher, task=setup.task, class_weights=setup.class_weights,
-                                      temperature=s.temperature, lambda_kd=s.lambda_kd, lambda_f=s.lambda_f)
+                                      temperature=s.temperature, lambda_kd=s.lambda_kd, lambda_f=s.lambda_f,
+                                      lambda_att=s.lambda_att)
     extras = setup.extras(name)
     extras["teacher"] = str(teacher_dir)  # gene lists stay: what the teacher it learnt from read
 

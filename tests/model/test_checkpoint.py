@@ -116,3 +116,36 @@ def test_registry_builds_the_student():
     pytest.importorskip("napari_dismm.model.student")
     model = build_model({"kind": "student", "d_in": 12, "d": 8})
     assert model.config.kind == "student"
+
+
+def test_format_1_students_load_with_the_hard_assignment_they_were_trained_with(tmp_path):
+    """Format 2 added soft ITA memberships (the new default); a format-1 config.json has no
+    `assignment` key and its student merged hard, so it must load hard and give the same
+    outputs as before."""
+    torch.manual_seed(0)
+    model = build_model({"kind": "student", "d_in": 12, "d": 8, "n_heads": 2, "assignment": "hard"}).eval()
+    save_model(model, tmp_path / "old")
+    doc = json.loads((tmp_path / "old" / CONFIG).read_text())
+    assert doc["format_version"] == 2 and doc["model"]["assignment"] == "hard"
+    del doc["model"]["assignment"], doc["model"]["temperature"]
+    doc["format_version"] = 1
+    (tmp_path / "old" / CONFIG).write_text(json.dumps(doc))
+    loaded, _ = load_model(tmp_path / "old")
+    assert loaded.config.assignment == "hard"
+    batch = make_batch([5, 8], [7, 3], d_in=12, n_tumor=2, n_tme=2)
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch["bags"], masks=batch["masks"]).logits,
+                                   loaded(batch["bags"], masks=batch["masks"]).logits, atol=0, rtol=0)
+    # in a current file the key is required, as every other one
+    doc["format_version"] = 2
+    (tmp_path / "old" / CONFIG).write_text(json.dumps(doc))
+    with pytest.raises(ModelConfigError, match="assignment"):
+        load_model(tmp_path / "old")
+
+
+def test_the_shipped_demo_model_loads_as_trained():
+    from importlib.resources import files
+
+    demo = files("napari_dismm") / "data" / "demo_model"
+    model, doc = load_model(demo)
+    assert doc["format_version"] == 1 and model.config.assignment == "hard"

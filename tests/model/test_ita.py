@@ -16,6 +16,7 @@ from napari_dismm.model.ita import (
     dpc_knn_centres,
     map_to_subspaces,
     merge_tokens,
+    soft_membership,
     permutation_keys,
     subspace_pool,
 )
@@ -117,12 +118,13 @@ def make_ita(d: int, k: int, knn: int = 3, **kw) -> InformativeTokenAggregation:
     k=st.integers(1, 4),
     seed=st.integers(0, 2**16),
     approx=st.booleans(),
+    assignment=st.sampled_from(["hard", "soft"]),
 )
-def test_aggregation_properties(n: int, d: int, k: int, seed: int, approx: bool) -> None:
+def test_aggregation_properties(n: int, d: int, k: int, seed: int, approx: bool, assignment: str) -> None:
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=gen) * torch.rand(1, d, generator=gen) * 3
     sizes = {"n_anchors": 8, "n_candidates": max(k, 6)} if approx else {}
-    ita = make_ita(d, k, **sizes)
+    ita = make_ita(d, k, assignment=assignment, **sizes)
     bag = ita.aggregate(x, prototypes=default_prototypes(d))
 
     # every patch is in a cluster in [0, K); exactly min(n, K) centres, each in its own cluster
@@ -130,21 +132,33 @@ def test_aggregation_properties(n: int, d: int, k: int, seed: int, approx: bool)
     centres = bag.is_centre.nonzero().squeeze(1)
     assert centres.numel() == min(n, k)
     assert sorted(bag.cluster[centres].tolist()) == list(range(min(n, k)))
-    # merged tokens are the w-weighted cluster means, recomputed directly
     w = torch.exp(ita.scorer(x).squeeze(-1).clamp(-10, 10))
     torch.testing.assert_close(bag.weight, w)
+    if assignment == "hard":  # merged tokens are the w-weighted cluster means, recomputed directly
+        membership = torch.nn.functional.one_hot(bag.cluster, k).float()
+    else:  # ... or the (w p)-weighted means over all patches, p recomputed from the centres
+        order = centres[bag.cluster[centres].argsort()]  # centre of cluster 0, 1, ...
+        d2 = ((x[:, None, :] - x[None, order, :]) ** 2).sum(-1) / d
+        if order.numel() > 1:
+            spread = (d2 - d2.mean(1, keepdim=True)).std(correction=0)
+            membership = torch.softmax(-d2 / (ita.temperature * spread), dim=1)
+        else:
+            membership = torch.ones(n, 1)
+        membership = torch.nn.functional.pad(membership, (0, k - order.numel()))
+        # the cluster shown is the nearest centre, the membership's largest entry
+        assert torch.all(membership.gather(1, bag.cluster[:, None]).squeeze(1) >= membership.amax(1) - 1e-6)
     for c in range(k):
-        members = bag.cluster == c
-        if members.any():
-            expected = (w[members, None] * x[members]).sum(0) / w[members].sum()
-            torch.testing.assert_close(bag.merged[c], expected, rtol=1e-5, atol=1e-5)
+        mass = w * membership[:, c]
+        if mass.sum() > 0:
+            expected = (mass[:, None] * x).sum(0) / mass.sum()
+            torch.testing.assert_close(bag.merged[c], expected, rtol=1e-4, atol=1e-4)
         else:
             assert torch.all(bag.merged[c] == 0)
     # per-patch attention: sums to 1 per non-empty subspace and pools to the features
     for u in range(2):
-        if (bag.subspace[bag.cluster] == u).any():
+        if bag.attention[u].sum() > 0:
             torch.testing.assert_close(bag.attention[u].sum(), torch.tensor(1.0))
-        torch.testing.assert_close(bag.attention[u] @ x, bag.features[u], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(bag.attention[u] @ x, bag.features[u], rtol=1e-4, atol=1e-4)
 
     # permuting the patches permutes per-patch outputs, merged tokens are bit-identical
     perm = torch.randperm(n, generator=gen)
@@ -224,6 +238,39 @@ def test_more_tokens_fill_both_subspaces() -> None:
     merged = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.8, 0.3], [0.7, 0.2]])
     sub = map_to_subspaces(merged, protos)
     assert sub.tolist() == [0, 0, 1, 0]
+
+
+def test_soft_membership_sharpens_to_the_nearest_centre() -> None:
+    x = torch.tensor([[0.0, 0.0], [0.2, 0.0], [1.0, 1.0], [0.9, 1.0], [0.5, 0.5]])
+    centres = torch.tensor([0, 2])
+    for temperature in (1.0, 0.01):
+        p = soft_membership(x, centres, temperature=temperature)
+        torch.testing.assert_close(p.sum(1), torch.ones(5))
+        assert p[:2, 0].min() > 0.5 and p[2:4, 1].min() > 0.5
+        torch.testing.assert_close(p[4], torch.tensor([0.5, 0.5]))  # equidistant
+    sharp = soft_membership(x, centres, temperature=0.01)
+    torch.testing.assert_close(sharp[:4], torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]))
+    # the same memberships at any token scale: the temperature is relative to the spread
+    torch.testing.assert_close(soft_membership(10 * x, centres, temperature=1.0),
+                               soft_membership(x, centres, temperature=1.0))
+
+
+def test_soft_assignment_lets_the_loss_move_tokens_between_clusters() -> None:
+    """The reason for soft merging: a loss on a merged token reaches the tokens through
+    their memberships (hard merging gives no gradient to anything but the weights and the
+    token values inside its own cluster)."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.cat([torch.randn(20, 4, generator=gen), torch.randn(20, 4, generator=gen) + 4.0])
+    grads = {}
+    for assignment in ("hard", "soft"):
+        ita = make_ita(4, 2, assignment=assignment)
+        tokens = x.clone().requires_grad_(True)
+        bag = ita.aggregate(tokens, prototypes=default_prototypes(4))
+        # a loss on cluster 0's merged token only
+        bag.merged[0].sum().backward()
+        outside = bag.cluster != 0
+        grads[assignment] = tokens.grad[outside].abs().sum()
+    assert grads["hard"] == 0 and grads["soft"] > 0
 
 
 def test_subspace_pool_weights_clusters_by_total_weight() -> None:

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from napari_dismm.errors import DataError
 from napari_dismm.model.grid import grid_index_20x_to_10x, pool_onto_10x
 from napari_dismm.model.losses import (
+    attention_loss,
     class_weights_from_labels,
     classification_loss,
     dev_loss,
@@ -262,3 +263,35 @@ def test_distillation_total_and_no_teacher_gradient():
     parts["total"].backward()
     assert t_logits.grad is None and s_logits.grad is not None
     assert math.isfinite(float(parts["total"]))
+
+
+def test_attention_loss_zero_on_the_teachers_maps_positive_otherwise_and_per_subspace():
+    teacher = {u: torch.softmax(torch.randn(3, 9), -1) for u in ("tumor", "tme")}
+    assert attention_loss(teacher, teacher) == pytest.approx(0.0, abs=1e-6)
+    swapped = {"tumor": teacher["tme"], "tme": teacher["tumor"]}
+    assert attention_loss(swapped, teacher) > 0.1
+    # a student map with no weight where the teacher's has some is finite, and large
+    blind = {u: torch.zeros(3, 9).index_fill(1, torch.tensor([0]), 1.0) for u in teacher}
+    assert math.isfinite(float(attention_loss(blind, teacher))) and attention_loss(blind, teacher) > 5
+
+
+def test_attention_loss_by_hand_with_padding():
+    """KL(teacher || student) = sum_i t_i log(t_i / s_i); padded positions are 0 in both maps."""
+    t = {"tumor": torch.tensor([[0.5, 0.5, 0.0]]), "tme": torch.tensor([[1.0, 0.0, 0.0]])}
+    s = {"tumor": torch.tensor([[0.25, 0.75, 0.0]]), "tme": torch.tensor([[0.5, 0.5, 0.0]])}
+    expected = 0.5 * math.log(2) + 0.5 * math.log(0.5 / 0.75) + math.log(2)
+    assert float(attention_loss(s, t)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_distillation_attention_term_reaches_the_student_only():
+    s_att = {u: torch.softmax(torch.randn(2, 5), -1).requires_grad_(True) for u in ("tumor", "tme")}
+    t_att = {u: torch.softmax(torch.randn(2, 5), -1).requires_grad_(True) for u in ("tumor", "tme")}
+    feats = {"tumor": torch.randn(2, 8), "tme": torch.randn(2, 8)}
+    common = dict(task_term=torch.tensor(1.0), student_logits=torch.randn(2, 4), teacher_logits=torch.randn(2, 4),
+                  student_features=feats, teacher_features=feats, task="classification")
+    parts = distillation_loss(**common, student_attention=s_att, teacher_attention=t_att, lambda_att=2.0)
+    torch.testing.assert_close(parts["total"], 1.0 + 0.01 * parts["kd"] + 0.01 * parts["feature"]
+                               + 2.0 * parts["attention"])
+    parts["total"].backward()
+    assert all(s_att[u].grad is not None and t_att[u].grad is None for u in s_att)
+    assert float(distillation_loss(**common, student_attention=s_att, teacher_attention=t_att)["attention"]) == 0.0

@@ -22,7 +22,7 @@ CONFIG = {
     "model": {"d": 64, "dropout": 0.1},
     "data": {"batch_size": 8},
     "teacher": {"epochs": 25, "lr": 2e-3, "patience": 8},
-    "student": {"epochs": 30, "lr": 1e-3, "patience": 8},
+    "student": {"epochs": 60, "lr": 1e-3, "patience": 15},
 }
 
 
@@ -79,16 +79,9 @@ def _attention(files, run, model_name):
     return maps, truth
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="measured (held-out, mean over slides and magnifications, tumor / TME "
-                   "map on its region): teacher 0.897 / 0.907 (DEV agreement after a 5-epoch warm-up), teacher_no_dev "
-                   "0.81 / 0.78; "
-                   "a detector that knows the planted directions reaches 0.92 from tissue type alone, 0.98 with the "
-                   "state (model/losses.py). The student keeps little of it here (0.54 / 0.55): its two ITA clusters "
-                   "follow patch noise on these features, and the planted mean shift lets it classify without "
-                   "localising; on the rendered cohort, where tissue types cluster in encoder space, the demo "
-                   "student's held-out tumor map reaches 0.90-0.96 (data/demo_model/README.md)")
-def test_teacher_attention_separates_the_planted_regions(classification):
+@pytest.fixture(scope="module")
+def attention_aurocs(classification):
+    """Held-out AUROC of each map on each planted region, mean over slides and magnifications."""
     files, run, _ = classification
     found = {}
     for name in ("teacher", "teacher_no_dev", "student"):
@@ -97,8 +90,30 @@ def test_teacher_attention_separates_the_planted_regions(classification):
                        for att in ("tumor", "tme") for region in ("tumor", "tme")}
         print(f"\n{name} attention AUROC: " + ", ".join(f"{a} map on {r} patches {v:.3f}"
                                                         for (a, r), v in found[name].items()))
-    teacher = found["teacher"]
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason="measured (held-out, mean over slides and magnifications, tumor / TME "
+                   "map on its region): teacher 0.897 / 0.907 (DEV agreement after a 5-epoch warm-up), teacher_no_dev "
+                   "0.81 / 0.78; a detector that knows the planted directions reaches 0.92 from tissue type alone, "
+                   "0.98 with the state (model/losses.py)")
+def test_teacher_attention_separates_the_planted_regions(attention_aurocs):
+    teacher = attention_aurocs["teacher"]
     assert teacher["tumor", "tumor"] >= 0.9 and teacher["tme", "tme"] >= 0.9
+
+
+@pytest.mark.slow
+def test_student_without_genes_keeps_the_teachers_maps(attention_aurocs):
+    """Soft ITA memberships + attention distillation (model/ita.py, model/losses.py); with
+    hard merging and no attention term the student's maps were 0.54 / 0.55 here. Measured:
+    0.882 / 0.870 (teacher 0.897 / 0.907); on cohort seed 2, not used for any choice,
+    0.846 / 0.870 (teacher 0.841 / 0.838)."""
+    student, teacher = attention_aurocs["student"], attention_aurocs["teacher"]
+    for u, other in (("tumor", "tme"), ("tme", "tumor")):
+        assert student[u, u] >= 0.8 and student[u, u] >= teacher[u, u] - 0.1
+        # the two maps separate: each ranks its own region well above the other's
+        assert student[u, other] <= student[u, u] - 0.15
 
 
 def _oracle_c_index(files) -> float:

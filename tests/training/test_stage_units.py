@@ -125,10 +125,11 @@ def test_student_prototypes_and_distillation_terms(setup):
         assert torch.allclose(per["tumor"].mean(), torch.tensor(0.0), atol=1e-5)  # mean of layer-normed vectors
     assert bool(student.prototypes_set.all())
     obj = DistillationObjective(teacher, task="classification", class_weights=setup.class_weights, temperature=2.0,
-                                lambda_kd=0.5, lambda_f=0.5)
+                                lambda_kd=0.5, lambda_f=0.5, lambda_att=1.0)
     batch = collate_bags([setup.data.train[i] for i in range(4)])
     loss, parts = obj.train_loss(student, batch)
-    assert set(parts) == {"task", "task_per_mag", "kd", "feature"} and np.isfinite(float(loss))
+    assert set(parts) == {"task", "task_per_mag", "kd", "feature", "attention"} and np.isfinite(float(loss))
+    assert parts["attention"] > 0  # an untrained student's maps are not the teacher's
     loss.backward()
     assert all(p.grad is None for p in teacher.parameters())  # the teacher is frozen
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())

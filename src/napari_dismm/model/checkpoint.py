@@ -31,7 +31,11 @@ from napari_dismm.model.registry import build_model, config_from_dict
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: keys a newer format added to a model section, with the value every older file meant
+#: (format 2: the student's ITA got soft assignment; format-1 students merged hard, so
+#: their temperature is never used)
+_ADDED_IN = {2: {"student": {"assignment": "hard", "temperature": 2.0}}}
 RESERVED = frozenset({"model", "model_id", "format_version"})
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
 
@@ -124,6 +128,18 @@ def _check_state(expected: dict[str, torch.Tensor], found: dict[str, torch.Tenso
         raise ModelConfigError("weights do not match config.json: " + " | ".join(problems))
 
 
+def _upgrade(document: dict[str, Any]) -> dict[str, Any]:
+    """The model section of an older config.json as the current format reads it: keys
+    added since are filled with the value the older file's model was trained with."""
+    section = dict(document["model"])
+    version = document.get("format_version", 1)
+    for added_in, by_kind in _ADDED_IN.items():
+        if isinstance(version, int) and version < added_in:
+            for key, value in by_kind.get(section.get("kind"), {}).items():
+                section.setdefault(key, value)
+    return section
+
+
 def load_model(directory: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """(model in eval mode, the config.json dict). Reads only safetensors; every config key
     and every tensor shape is checked against the architecture it names."""
@@ -145,7 +161,7 @@ def load_model(directory: str | os.PathLike, *, map_location: str | torch.device
         raise ModelConfigError(f"{config_path} is not valid JSON: {error}") from error
     if not isinstance(document, dict) or not isinstance(document.get("model"), dict):
         raise ModelConfigError(f"{config_path} has no 'model' architecture section")
-    config = config_from_dict(document["model"], strict=True)
+    config = config_from_dict(_upgrade(document), strict=True)
     model = build_model(config)
     try:
         state = load_file(str(weights_path), device=str(map_location))

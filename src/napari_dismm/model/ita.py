@@ -20,6 +20,17 @@ The reference builds the full N x N distance matrix (160 GB at 200k tokens). Her
    outliers far from everything cannot become centres when N > C, by design.
 3. **Assignment** to the nearest of the K centres, chunked.
 
+Hard or soft merging (``assignment``). The reference merges each cluster's tokens with a
+hard nearest-centre assignment, so no gradient tells a token which cluster it should
+join: on tokens where tissue type is not the largest source of variance, the two
+clusters follow noise and the subspace maps cannot localise. With ``"soft"`` (the
+default for new models) every token belongs to every centre with a membership
+p_ik = softmax_k(-d_ik / (tau s)), d_ik its scaled squared distance to centre k and s the
+spread of those distances around each token's mean (no gradient), and merged token k is
+the (w p_k)-weighted mean; gradients then move tokens between clusters. The cluster id
+shown in the viewer stays the nearest centre (the membership's argmax). ``"hard"`` is
+the reference, and how models saved before the option were trained.
+
 Everything is decided in a canonical order that depends only on the tokens themselves
 (``permutation_keys``: a hash of the coordinates and of the raw feature bits), and ties
 are broken by that order, so permuting the patches permutes the assignments and
@@ -45,10 +56,14 @@ __all__ = [
     "default_prototypes",
     "dpc_knn_centres",
     "map_to_subspaces",
+    "merge_soft",
     "merge_tokens",
     "permutation_keys",
+    "soft_membership",
     "subspace_pool",
 ]
+
+ASSIGNMENTS = ("hard", "soft")
 
 _MASK_31 = (1 << 31) - 1
 _C1 = 0x9E3779B97F4A7C15 - (1 << 64)  # splitmix64 constants as signed int64
@@ -179,6 +194,28 @@ def assign_to_centres(x: Tensor, centres: Tensor, *, chunk_size: int = 65536) ->
     return cluster
 
 
+def soft_membership(x: Tensor, centres: Tensor, *, temperature: float) -> Tensor:
+    """(n, K) membership of each token in each centre's cluster, rows summing to 1.
+
+    Differentiable in x (the centres are tokens too). The distances are divided by their
+    spread around each token's mean distance (a constant, so the temperature means the
+    same at any token scale). Nothing of size (n, d) beyond x itself is built."""
+    ref = x[centres]
+    sq = torch.linalg.vector_norm(x, dim=-1, keepdim=True) ** 2
+    d2 = (sq - 2.0 * x @ ref.T + (ref * ref).sum(-1)[None, :]).clamp_min(0.0) / x.shape[-1]
+    if centres.shape[0] < 2:
+        return torch.ones_like(d2)
+    spread = (d2 - d2.mean(dim=1, keepdim=True)).detach().std(correction=0)
+    return torch.softmax(-d2 / (temperature * spread.clamp_min(torch.finfo(d2.dtype).eps)), dim=1)
+
+
+def merge_soft(x: Tensor, weight: Tensor, membership: Tensor) -> tuple[Tensor, Tensor]:
+    """Merged tokens (K, d) = (w p_k)-weighted means, and cluster totals W_k = sum_i w_i p_ik."""
+    mass = weight[:, None] * membership  # (n, K)
+    totals = mass.sum(dim=0)
+    return (mass.T @ x) / totals.clamp_min(torch.finfo(totals.dtype).tiny)[:, None], totals
+
+
 def merge_tokens(x: Tensor, weight: Tensor, cluster: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Merged tokens (k, d) = w-weighted cluster means, and cluster totals W (k,).
 
@@ -220,23 +257,26 @@ def map_to_subspaces(merged: Tensor, prototypes: Tensor) -> Tensor:
 
 
 def subspace_pool(
-    merged: Tensor, totals: Tensor, subspace: Tensor, weight: Tensor, cluster: Tensor
+    merged: Tensor, totals: Tensor, subspace: Tensor, weight: Tensor, membership: Tensor
 ) -> tuple[Tensor, Tensor]:
     """Subspace features (2, d) and per-patch attention (2, n).
 
+    ``membership`` is (n,) hard cluster ids or (n, K) soft memberships p_ik.
     f_u = sum over clusters mapped to u of W_k * merged_k / sum W_k, which equals
-    sum_i a_u(i) x_i with a_u(i) = w_i / sum_{j in clusters of u} w_j for patches whose
-    cluster maps to u (else 0): the attention map *is* the pooling that makes f_u. With
-    one cluster per subspace, f_u is that merged token. A subspace with no patch gets a
-    zero feature and an all-zero map."""
+    sum_i a_u(i) x_i with a_u(i) = w_i * (sum_{k of u} p_ik) / sum_{k of u} W_k (p one-hot
+    when hard: w_i / sum_{j in clusters of u} w_j for patches whose cluster maps to u,
+    else 0): the attention map *is* the pooling that makes f_u. A subspace with no patch
+    gets a zero feature and an all-zero map."""
     tiny = torch.finfo(totals.dtype).tiny
     member = nn.functional.one_hot(subspace, 2).to(totals.dtype).T  # (2, k)
     mass = member @ totals  # (2,)
     features = (member * totals) @ merged / mass.clamp_min(tiny)[:, None]
-    if cluster.numel() == 0:
+    if membership.shape[0] == 0:
         return features, weight.new_zeros(2, 0)
-    patch_space = subspace[cluster]  # (n,)
-    in_space = nn.functional.one_hot(patch_space, 2).to(weight.dtype).T  # (2, n)
+    if membership.dim() == 1:  # hard: the subspace of each patch's cluster
+        in_space = nn.functional.one_hot(subspace[membership], 2).to(weight.dtype).T  # (2, n)
+    else:
+        in_space = member.to(membership.dtype) @ membership.T  # (2, n)
     attention = in_space * weight[None, :] / mass.clamp_min(tiny)[:, None]
     return features, attention
 
@@ -268,12 +308,18 @@ class InformativeTokenAggregation(nn.Module):
         n_candidates: int = 1024,
         score_clamp: float = 10.0,
         chunk_size: int = 8192,
+        assignment: str = "soft",
+        temperature: float = 1.0,
     ) -> None:
         super().__init__()
         if k < 1 or knn < 1 or n_anchors < 2 or n_candidates < k:
             raise ValueError(f"bad ITA sizes: k={k}, knn={knn}, n_anchors={n_anchors}, n_candidates={n_candidates}")
+        if assignment not in ASSIGNMENTS or not temperature > 0:
+            raise ValueError(f"bad ITA assignment {assignment!r} / temperature {temperature} "
+                             f"(one of {ASSIGNMENTS}, temperature > 0)")
         self.k, self.knn, self.n_anchors, self.n_candidates = k, knn, n_anchors, n_candidates
         self.score_clamp, self.chunk_size = score_clamp, chunk_size
+        self.assignment, self.temperature = assignment, temperature
         self.scorer = nn.Linear(d, 1)
 
     def aggregate(self, x: Tensor, *, prototypes: Tensor, keys: Tensor | None = None) -> BagAggregation:
@@ -298,9 +344,15 @@ class InformativeTokenAggregation(nn.Module):
         cluster = assign_to_centres(x, centres)
         is_centre = torch.zeros(n, dtype=torch.bool, device=x.device)
         is_centre[centres] = True
-        merged, totals = merge_tokens(x, weight, cluster.clamp_min(0), self.k)
+        if self.assignment == "soft" and centres.numel() > 0:
+            membership = soft_membership(x, centres, temperature=self.temperature)
+            membership = nn.functional.pad(membership, (0, self.k - centres.shape[0]))  # fewer tokens than k
+            merged, totals = merge_soft(x, weight, membership)
+        else:
+            membership = cluster.clamp_min(0)
+            merged, totals = merge_tokens(x, weight, membership, self.k)
         subspace = map_to_subspaces(merged, prototypes)
-        features, attention = subspace_pool(merged, totals, subspace, weight, cluster.clamp_min(0))
+        features, attention = subspace_pool(merged, totals, subspace, weight, membership)
         if order is not None:  # back to the caller's row order
             cluster = torch.empty_like(cluster).index_copy_(0, order, cluster)
             is_centre = torch.empty_like(is_centre).index_copy_(0, order, is_centre)

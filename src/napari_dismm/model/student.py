@@ -24,7 +24,7 @@ from napari_dismm.errors import DataError, ModelConfigError
 from napari_dismm.model.config import validate_common
 from napari_dismm.model.heads import SubspaceFusionHead, combine_magnifications
 from napari_dismm.model.inputs import check_bags, mask_for
-from napari_dismm.model.ita import BagAggregation, InformativeTokenAggregation, default_prototypes, permutation_keys
+from napari_dismm.model.ita import ASSIGNMENTS, BagAggregation, InformativeTokenAggregation, default_prototypes, permutation_keys
 from napari_dismm.model.layers import PatchEmbedding
 from napari_dismm.model.mixing import TokenMixer
 from napari_dismm.model.outputs import SUBSPACES, ITAResult, ModelOutput
@@ -41,7 +41,9 @@ class StudentConfig:
     larger), ``n_candidates`` densest tokens among which centres are chosen (exact
     DPC-kNN when the bag is no larger). Mixing: ``n_mixing_layers`` efficient-attention
     blocks with ``n_heads`` heads; ``use_coords`` adds an MLP of the real coordinates.
-    ``chunk_size`` bounds the tokens processed at once (memory vs. speed)."""
+    ``chunk_size`` bounds the tokens processed at once (memory vs. speed).
+    ``assignment``: "soft" (memberships at ``temperature``, gradients reach the
+    clustering) or "hard" (the reference's nearest centre); see ``model.ita``."""
 
     kind: str = "student"
     task: str = "classification"
@@ -61,6 +63,8 @@ class StudentConfig:
     score_clamp: float = 10.0
     chunk_size: int = 16384
     combine: str = "max_confidence"
+    assignment: str = "soft"
+    temperature: float = 2.0
 
     def __post_init__(self) -> None:
         self.magnifications = tuple(self.magnifications)
@@ -77,12 +81,15 @@ class StudentConfig:
             "ffn_mult": self.ffn_mult >= 1,
             "score_clamp": self.score_clamp > 0,
             "chunk_size": self.chunk_size >= 1,
+            "assignment": self.assignment in ASSIGNMENTS,
+            "temperature": self.temperature > 0,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ModelConfigError(
                 f"invalid StudentConfig value(s) for {', '.join(bad)} "
-                f"(need k, knn >= 1, n_anchors >= 2, n_candidates >= k, d divisible by n_heads)"
+                f"(need k, knn >= 1, n_anchors >= 2, n_candidates >= k, d divisible by n_heads, "
+                f"assignment one of {ASSIGNMENTS}, temperature > 0)"
             )
 
 
@@ -101,6 +108,7 @@ class StudentBranch(nn.Module):
         self.ita = InformativeTokenAggregation(
             cfg.d, k=cfg.k, knn=cfg.knn, n_anchors=cfg.n_anchors, n_candidates=cfg.n_candidates,
             score_clamp=cfg.score_clamp, chunk_size=min(cfg.chunk_size, 8192),
+            assignment=cfg.assignment, temperature=cfg.temperature,
         )
 
     def run_bag(
@@ -125,8 +133,8 @@ class Student(nn.Module):
     is accepted and ignored, so trainers can call teacher and student alike).
 
     ``attention[mag][u]`` (what the viewer shows as the student's tumor / TME maps) is
-    a_u(i) = w_i / sum_{j in clusters mapped to u} w_j for a patch i whose cluster maps to
-    u, else 0. This is exactly how f_u is formed: f_u = sum_i a_u(i) t_i over the mixed
+    a_u(i) = w_i p_i(u) / sum_j w_j p_j(u), p_i(u) the patch's membership in the clusters
+    mapped to u (1 or 0 with hard assignment). This is exactly how f_u is formed: f_u = sum_i a_u(i) t_i over the mixed
     tokens t_i (= the merged token itself when K = 2). ``fusion_heads`` (one per
     magnification) is what CGC acts on; the prototypes buffer travels with checkpoints."""
 
