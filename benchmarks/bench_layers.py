@@ -13,15 +13,25 @@
    The worker does real CPU work (torch matmuls, which release the GIL like a model's
    forward pass) plus pure-Python work that holds the GIL, compared with an idle loop.
 
+Layer controls: the viewers `dismm view` / `dismm demo` open ask napari for dynamic layer
+controls (one controls panel for the selected layer, built when selected; see
+``viewer.app.prefer_dynamic_layer_controls``), so this process measures that. The same adds
+with napari's default (a panel built per layer as it is added, what a user's own napari
+does unless they switch it on) run in a child process, as the setting is per process; the
+ratio of the two is printed.
+
 Run: ``python benchmarks/bench_layers.py`` (uses Xvfb when there is no display).
 """
 
 from __future__ import annotations
 
 import gc
+import json
 import math
 import os
 import statistics
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -206,9 +216,39 @@ def bench_latency(viewer, *, seconds: float = 4.0, busy: bool = True) -> dict[st
     return {"ticks": len(lag), "max_ms": float(lag.max()), "p95_ms": float(np.percentile(lag, 95))}
 
 
-def main(repeats: int = 3) -> None:
+def static_controls_child(repeats: int = 3) -> None:
+    """In a child process with napari's default layer controls: median add seconds as JSON."""
     from napari_dismm.viewer.app import new_viewer, virtual_display
 
+    prediction = big_prediction()
+    with virtual_display():
+        viewer = new_viewer(show=True)
+        try:
+            bench_layers(viewer, big_prediction(2000), magnification="all")
+            bench_layers(viewer, None)
+            runs = {"default": [], "floor": []}
+            for _ in range(repeats):
+                runs["default"].append(bench_layers(viewer, prediction)["seconds"])
+                runs["floor"].append(bench_layers(viewer, None)["seconds"])
+            print(json.dumps({case: statistics.median(values) for case, values in runs.items()}))
+        finally:
+            viewer.close()
+
+
+def run_static_controls_child(repeats: int) -> dict[str, float]:
+    env = dict(os.environ, NAPARI_EXPERIMENTAL_DYNAMIC_LAYER_CONTROLS="0")
+    done = subprocess.run([sys.executable, __file__, "--static-controls", str(repeats)], env=env,
+                          capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(repeats: int = 3) -> None:
+    from napari_dismm.viewer.app import new_viewer, prefer_dynamic_layer_controls, virtual_display
+
+    prefer_dynamic_layer_controls()  # as `dismm view` / `dismm demo` do, before napari reads its settings
+    from napari.settings import get_settings
+
+    dynamic = get_settings().experimental.dynamic_layer_controls
     prediction = big_prediction()
     n = len(prediction.patches)
     with virtual_display():
@@ -217,6 +257,7 @@ def main(repeats: int = 3) -> None:
             bench_layers(viewer, big_prediction(2000), magnification="all")  # warm-up: imports, shaders
             bench_layers(viewer, None)
             canvas = bench_canvas(prediction)
+            print(f"layer controls: {'dynamic (as dismm view / demo)' if dynamic else 'napari default'}")
             print(f"patches (rows: 100k at 20x + 25k at 10x) {n};  load average {os.getloadavg()[0]:.1f} "
                   f"on {os.cpu_count()} cores; medians of {repeats} runs, interleaved [min-max]")
             cases = {"default": (prediction, None, False), "all": (prediction, "all", False),
@@ -255,6 +296,12 @@ def main(repeats: int = 3) -> None:
             print(f"level-0 canvas array MB          {canvas['mb']:.0f}")
             print(f"ratio canvas/grid seconds        {canvas['seconds'] / d['seconds']:.0f}x  (default layers)")
             print(f"ratio canvas/grid memory         {canvas['mb'] / max(d['rss_mb'], 1.0):.0f}x")
+            if dynamic:
+                static = run_static_controls_child(repeats)
+                print("-- napari's default layer controls (one panel per added layer; child process)")
+                print(f"build+add seconds                {static['default']:.3f}   floor {static['floor']:.3f}")
+                print(f"ratio default controls/dynamic   {static['default'] / d['seconds']:.2f}x  "
+                      f"(floor {static['floor'] / f['seconds']:.2f}x)")
             idle = bench_latency(viewer, busy=False)
             busy = bench_latency(viewer, busy=True)
             print(f"event-loop lag idle   max/p95 ms {idle['max_ms']:.1f} / {idle['p95_ms']:.1f}  "
@@ -267,4 +314,7 @@ def main(repeats: int = 3) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 3 and sys.argv[1] == "--static-controls":
+        static_controls_child(int(sys.argv[2]))
+    else:
+        main()

@@ -100,3 +100,58 @@ def test_view_command_with_bundle_and_mismatch(tmp_path, cmu_slide_path):
     bad = subprocess.run([sys.executable, "-m", "napari_dismm.cli", "view", str(other.path), str(tmp_path / "bundle")],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "bundle is for slide" in bad.stderr and "Traceback" not in bad.stderr
+
+
+_DYNAMIC_CONTROLS_SCRIPT = """
+import sys
+sys.path.insert(0, {root!r})
+from napari_dismm.viewer.app import new_viewer, prefer_dynamic_layer_controls
+prefer_dynamic_layer_controls()  # as `dismm view` / `dismm demo` do, before napari reads its settings
+from napari.settings import get_settings
+from qtpy.QtWidgets import QApplication
+from napari_dismm.viewer.widget import add_prediction_layers
+from tests.test_prediction_layers import make_prediction, patch_table
+viewer = new_viewer(show=True)
+print("dynamic", get_settings().experimental.dynamic_layer_controls)
+pred = make_prediction(patch_table([
+    {{"x": 0, "y": 0, "width": 448, "height": 448, "tumor_attention": 1.0, "ita_cluster": 0, "ita_centre": True}},
+    {{"x": 448, "y": 0, "width": 448, "height": 448, "tumor_attention": 0.5, "ita_cluster": 1}},
+]), contours=[[(0, 0), (896, 0), (896, 448), (0, 448)]])
+layers = add_prediction_layers(viewer, pred)
+controls = viewer.window._qt_viewer.controls
+for layer in layers:
+    viewer.layers.selection.active = layer
+    QApplication.processEvents()
+    panel = controls.currentWidget()
+    print("controls", layer.name, type(panel).__name__, panel.isVisible())
+for layer in list(viewer.layers):
+    viewer.layers.remove(layer)
+QApplication.processEvents()
+print("removed", len(viewer.layers))
+viewer.close()
+"""
+
+
+@pytest.mark.parametrize("preset", [None, "0"])
+def test_dismm_viewers_build_layer_controls_on_selection(preset):
+    """`dismm view` / `dismm demo` ask napari (through its environment override, never the
+    settings file) for controls built on selection; every overlay layer still gets a shown
+    controls panel and removing them is clean. A user's own setting of the variable wins."""
+    import os
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "NAPARI_EXPERIMENTAL_DYNAMIC_LAYER_CONTROLS"}
+    if preset is not None:
+        env["NAPARI_EXPERIMENTAL_DYNAMIC_LAYER_CONTROLS"] = preset
+    root = str(Path(__file__).resolve().parents[1])
+    result = subprocess.run([sys.executable, "-c", _DYNAMIC_CONTROLS_SCRIPT.format(root=root)],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert f"dynamic {preset is None}" in lines
+    panels = [line.split() for line in lines if line.startswith("controls")]
+    assert len(panels) == 6 and all(words[-1] == "True" for words in panels)
+    expected = "QtDynamicLayerControls" if preset is None else None
+    if expected:
+        assert all(words[-2] == expected for words in panels)
+    assert "removed 0" in lines

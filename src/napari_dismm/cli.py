@@ -123,9 +123,10 @@ def _view(args: argparse.Namespace) -> int:
         from napari_dismm.bundle import check_bundle_matches_slide, read_bundle
 
         check_bundle_matches_slide(read_bundle(args.bundle), slide.info)
-    from napari_dismm.viewer.app import require_display, show_slide
+    from napari_dismm.viewer.app import prefer_dynamic_layer_controls, require_display, show_slide
 
     require_display()
+    prefer_dynamic_layer_controls()
     show_slide(slide, bundle=args.bundle, exit_after_first_frame=args.first_frame)
     return EXIT_OK
 
@@ -187,8 +188,9 @@ def _demo(args: argparse.Namespace) -> int:
     from napari_dismm.predict import predict_slide
     from napari_dismm.slide import open_slide
     from napari_dismm.slide.synthetic import sample_slide_path
-    from napari_dismm.viewer.app import display_available
+    from napari_dismm.viewer.app import display_available, prefer_dynamic_layer_controls
 
+    prefer_dynamic_layer_controls()
     started = time.perf_counter()
     print("dismm demo: preparing the generated sample slide ...", file=sys.stderr)
     slide_path = sample_slide_path()

@@ -28,7 +28,7 @@ from napari_dismm.errors import DismmError
 from napari_dismm.viewer.panel import PredictionPanel
 from napari_dismm.viewer.prediction_layers import NORMALISATIONS, display_grid, prediction_layer_data
 
-#: "finest" = the finest magnification present, "all" = every one (napari adds 0.15-0.3 s per layer)
+#: "finest" = the finest magnification present, "all" = every one (napari adds 0.07-0.11 s per layer)
 MAGNIFICATION_CHOICES = ("finest", "all", "10x", "20x")
 PREDICTION_KINDS = ("attention", "ita", "ita_centres", "tissue", "patches")
 #: patches per batch on a CPU: cancel is polled when a batch has been read (and every
