@@ -126,16 +126,23 @@ def _inputs(batch: int = 3):
     return bags, genes
 
 
+def _coords(batch: int = 3):
+    """A 3 x 3 patch lattice per slide (10x patches 448 level-0 px, 20x 224: the teacher's default)."""
+    cells = torch.stack(torch.meshgrid(torch.arange(3), torch.arange(3), indexing="xy"), -1).reshape(9, 2)
+    return {m: (cells * step).expand(batch, 9, 2) for m, step in (("10x", 448), ("20x", 224))}
+
+
 @pytest.mark.parametrize("split", [True, False])
 def test_integrated_gradients_completeness(split):
     model = _teacher(split)
     bags, genes = _inputs()
     target = torch.tensor([0, 2, 1])
-    ig = integrated_gradients(model, bags, masks=None, genes=genes, target=target, steps=32)
+    coords = _coords()
+    ig = integrated_gradients(model, bags, masks=None, genes=genes, target=target, steps=32, coords=coords)
     with torch.no_grad():
-        full = subspace_scores(model, bags, masks=None, genes=genes, target=target)
+        full = subspace_scores(model, bags, masks=None, genes=genes, target=target, coords=coords)
         base = subspace_scores(model, bags, masks=None, genes={k: torch.zeros_like(v) for k, v in genes.items()},
-                               target=target)
+                               target=target, coords=coords)
     for u in ("tumor", "tme"):
         total = sum(v.sum(-1) for v in ig[u].values())
         assert torch.allclose(total, full[u] - base[u], atol=2e-3 + 0.02 * float((full[u] - base[u]).abs().max()))

@@ -131,6 +131,8 @@ class TeacherSettings:
                        "(every slide's distance from 1), per_slide (slides below the batch mean) or reference "
                        "(the paper's batch-row-normalised product; see model/losses.py)",
                        choices=("agreement", "per_slide", "reference"))
+    spatial_context: float = _f(0.5, "weight of each patch's 3 x 3 lattice neighbourhood in its token before the "
+                                "gene-queried attention (0 = each patch alone; model/context.py)", lo=0, hi=1)
     patience: int = _f(10, "epochs without validation improvement before stopping (0 = never stop early)", lo=0)
 
     def __post_init__(self) -> None:

@@ -263,7 +263,8 @@ def _fold_attribution(model, dataset: SlideDataset, *, task: str, steps: int,
         if task == "classification":
             with torch.no_grad():
                 target = model(batch.bags, **batch.model_kwargs()).logits.argmax(-1)
-        ig = integrated_gradients(model, batch.bags, masks=batch.masks, genes=batch.genes, target=target, steps=steps)
+        ig = integrated_gradients(model, batch.bags, masks=batch.masks, genes=batch.genes, target=target, steps=steps,
+                                  coords=batch.coords)
         for u, per in ig.items():
             for g, v in per.items():
                 parts.setdefault(u, {}).setdefault(g, []).append(v.numpy())

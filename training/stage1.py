@@ -124,7 +124,8 @@ def model_config(kind: str, setup: FoldSetup, *, cgc: bool = True, dev_weight: f
             return {**common, **genes, "dropout": m.dropout, "n_heads": m.n_heads, "cgc": cgc,
                     "dev_weight": setup.cfg.teacher.dev_weight if dev_weight is None else dev_weight,
                     "patch_size_10x_level0": setup.patch_size_10x_level0,
-                    "subspace_split": subspace_split, "dev_form": setup.cfg.teacher.dev_form}
+                    "subspace_split": subspace_split, "dev_form": setup.cfg.teacher.dev_form,
+                    "spatial_context": setup.cfg.teacher.spatial_context}
         case "student":
             return {**common, "k": m.k, "knn": m.knn, "n_heads": m.n_heads, "dropout": m.dropout,
                     "assignment": m.ita_assignment, "temperature": m.ita_temperature}

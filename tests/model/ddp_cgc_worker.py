@@ -50,7 +50,8 @@ def step_head(model, f_t, f_e, y, heads):
 
 
 def step_teacher(model, batch, y, rows, heads):
-    out = model({m: b[rows] for m, b in batch["bags"].items()}, genes={u: g[rows] for u, g in batch["genes"].items()})
+    out = model({m: b[rows] for m, b in batch["bags"].items()}, coords={m: c[rows] for m, c in batch["coords"].items()},
+                genes={u: g[rows] for u, g in batch["genes"].items()})
     loss = task_loss(out.logits, y[rows], task="classification")
     cgc = CGCStep(heads, task="classification")
     cgc.observe(out.features, y[rows])

@@ -37,11 +37,23 @@ def make_batch(
     b10, m10 = pad_bags(raw10)
     b20, m20 = pad_bags(raw20)
     genes = {"tumor": torch.randn(len(sizes10), n_tumor), "tme": torch.randn(len(sizes10), n_tme)}
+    # lattice coordinates (10x patches of 448 level-0 px, 20x of 224: the teacher's default),
+    # padding filled with far-away cells so a model that used it as a neighbour would show it
+    raw_coords = {mag: [grid_coords(n, step, seed=seed + i) for i, n in enumerate(sizes)]
+                  for mag, step, sizes in (("10x", 448.0, sizes10), ("20x", 224.0, sizes20))}
+    coords = {}
+    for mag, parts in raw_coords.items():
+        padded = torch.full((len(parts), max(len(c) for c in parts), 2), 1e7, dtype=torch.float64)
+        for i, c in enumerate(parts):
+            padded[i, : len(c)] = c
+        coords[mag] = padded
     return {
         "bags": {"10x": b10, "20x": b20},
         "masks": {"10x": m10, "20x": m20},
         "genes": genes,
+        "coords": coords,
         "raw": {"10x": raw10, "20x": raw20},
+        "raw_coords": raw_coords,
     }
 
 

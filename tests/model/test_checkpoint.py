@@ -35,8 +35,8 @@ def test_round_trip_gives_same_outputs(tmp_path, config):
     assert doc["mean"] == [0.0, 0.0]
     assert doc["model"]["kind"] == config.kind and not loaded.training
     with torch.no_grad():
-        a = model(batch["bags"], masks=batch["masks"], genes=batch["genes"])
-        b = loaded(batch["bags"], masks=batch["masks"], genes=batch["genes"])
+        a = model(batch["bags"], coords=batch["coords"], masks=batch["masks"], genes=batch["genes"])
+        b = loaded(batch["bags"], coords=batch["coords"], masks=batch["masks"], genes=batch["genes"])
     torch.testing.assert_close(a.logits, b.logits, atol=0, rtol=0)
 
 
@@ -149,3 +149,13 @@ def test_the_shipped_demo_model_loads_as_trained():
     demo = files("napari_dismm") / "data" / "demo_model"
     model, doc = load_model(demo)
     assert doc["format_version"] == 1 and model.config.assignment == "hard"
+
+
+def test_format_1_teachers_load_without_spatial_context(tmp_path):
+    model = build_model(TeacherConfig(d_in=12, d=8, n_heads=2, n_tumor_genes=5, n_tme_genes=7, spatial_context=0.0))
+    save_model(model, tmp_path / "old")
+    doc = json.loads((tmp_path / "old" / CONFIG).read_text())
+    del doc["model"]["spatial_context"]
+    doc["format_version"] = 1
+    (tmp_path / "old" / CONFIG).write_text(json.dumps(doc))
+    assert load_model(tmp_path / "old")[0].config.spatial_context == 0.0

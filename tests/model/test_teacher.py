@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from napari_dismm.errors import DataError
+from napari_dismm.errors import DataError, ModelConfigError
 from napari_dismm.model.baselines import ABMIL, ABMILConfig, LateFusion, LateFusionConfig
 from napari_dismm.model.losses import task_loss
 from napari_dismm.model.teacher import Teacher, TeacherConfig
@@ -33,10 +33,11 @@ def test_padded_batch_equals_one_by_one(kind, task):
     model = build(kind, task, dropout=0.25).eval()
     batch = make_batch([5, 9, 1], [13, 2, 30], d_in=D_IN, n_tumor=N_T, n_tme=N_E)
     with torch.no_grad():
-        out = model(batch["bags"], masks=batch["masks"], genes=batch["genes"])
+        out = model(batch["bags"], coords=batch["coords"], masks=batch["masks"], genes=batch["genes"])
         for i in range(3):
             single = model(
                 {m: batch["raw"][m][i][None] for m in ("10x", "20x")},
+                coords={m: batch["raw_coords"][m][i][None] for m in ("10x", "20x")},
                 genes={u: g[i : i + 1] for u, g in batch["genes"].items()},
             )
             torch.testing.assert_close(out.logits[i], single.logits[0], atol=1e-5, rtol=0)
@@ -59,8 +60,9 @@ def test_patch_order_does_not_matter(kind):
     batch = make_batch([20], [40], d_in=D_IN, n_tumor=N_T, n_tme=N_E)
     perm = {"10x": torch.randperm(20), "20x": torch.randperm(40)}
     with torch.no_grad():
-        a = model(batch["bags"], genes=batch["genes"])
-        b = model({m: x[:, perm[m]] for m, x in batch["bags"].items()}, genes=batch["genes"])
+        a = model(batch["bags"], coords=batch["coords"], genes=batch["genes"])
+        b = model({m: x[:, perm[m]] for m, x in batch["bags"].items()},
+                  coords={m: c[:, perm[m]] for m, c in batch["coords"].items()}, genes=batch["genes"])
     torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=0)
     for mag in perm:
         for name in a.attention[mag]:
@@ -70,11 +72,11 @@ def test_patch_order_does_not_matter(kind):
 def test_teacher_output_layout_and_one_magnification():
     model = build("teacher").eval()
     batch = make_batch([4, 6], [8, 3], d_in=D_IN, n_tumor=N_T, n_tme=N_E)
-    out = model(batch["bags"], masks=batch["masks"], genes=batch["genes"])
+    out = model(batch["bags"], coords=batch["coords"], masks=batch["masks"], genes=batch["genes"])
     assert set(out.attention) == {"10x", "20x"} and set(out.attention["10x"]) == {"tumor", "tme"}
     assert out.features["20x"]["tme"].shape == (2, 16)
     assert out.per_magnification_logits["10x"].shape == (2, 3)
-    only = model({"20x": batch["bags"]["20x"]}, masks=batch["masks"], genes=batch["genes"])
+    only = model({"20x": batch["bags"]["20x"]}, coords=batch["coords"], masks=batch["masks"], genes=batch["genes"])
     torch.testing.assert_close(only.logits, out.per_magnification_logits["20x"])
 
 
@@ -109,7 +111,7 @@ def test_memorises_a_tiny_set(kind, task):
     events = torch.tensor([1, 0, 1, 1, 0, 1, 0, 1])
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(200):
-        out = model(batch["bags"], masks=batch["masks"], genes=batch["genes"])
+        out = model(batch["bags"], coords=batch["coords"], masks=batch["masks"], genes=batch["genes"])
         if float(task_loss(out.logits, target, task=task, events=events)) < 0.01:
             break
         # train every magnification's logits (as the trainer does) plus the combined ones
@@ -118,7 +120,7 @@ def test_memorises_a_tiny_set(kind, task):
         loss.backward()
         optimiser.step()
     with torch.no_grad():
-        final = task_loss(model(batch["bags"], masks=batch["masks"], genes=batch["genes"]).logits, target, task=task, events=events)
+        final = task_loss(model(batch["bags"], coords=batch["coords"], masks=batch["masks"], genes=batch["genes"]).logits, target, task=task, events=events)
     assert final < 0.05, float(final)
 
 
@@ -151,7 +153,9 @@ def test_empty_and_fully_masked_bags_stay_finite(kind):
     genes = {"tumor": torch.randn(2, N_T), "tme": torch.randn(2, N_E)}
     masks = {"20x": torch.tensor([[True, True, False], [False, False, False]])}
     with torch.no_grad():
-        out = model({"10x": torch.randn(2, 0, D_IN), "20x": torch.randn(2, 3, D_IN)}, masks=masks, genes=genes)
+        coords = {"10x": torch.zeros(2, 0, 2), "20x": torch.tensor([[[0, 0], [224, 0], [0, 0]]] * 2)}
+        out = model({"10x": torch.randn(2, 0, D_IN), "20x": torch.randn(2, 3, D_IN)}, coords=coords, masks=masks,
+                    genes=genes)
     assert torch.isfinite(out.logits).all()
     for att in out.attention["20x"].values():
         assert torch.equal(att[1], torch.zeros(3)) and att[0, 2] == 0
@@ -167,6 +171,46 @@ def test_teacher_without_subspace_split_shares_one_gene_query():
         model = build("teacher", subspace_split=split).eval()
         assert set(model.gene_encoders) == ({"tumor", "tme"} if split else {"all"})
         with torch.no_grad():
-            a = model(batch["bags"], masks=batch["masks"], genes=batch["genes"]).attention["10x"]["tumor"]
-            b = model(batch["bags"], masks=batch["masks"], genes=moved).attention["10x"]["tumor"]
+            a = model(batch["bags"], coords=batch["coords"], masks=batch["masks"], genes=batch["genes"]).attention["10x"]["tumor"]
+            b = model(batch["bags"], coords=batch["coords"], masks=batch["masks"], genes=moved).attention["10x"]["tumor"]
         assert torch.allclose(a, b) == split
+
+
+# --- spatial context (model/context.py) -----------------------------------------------------
+
+
+def test_neighbour_mean_by_hand_and_in_any_order():
+    from napari_dismm.model.context import lattice_neighbour_mean
+
+    # an L of three patches and one far away: (0,0) (1,0) (0,1) on a 100 px lattice, (5,5)
+    coords = torch.tensor([[1000, 2000], [1100, 2000], [1000, 2100], [1500, 2500]])
+    tokens = torch.tensor([[1.0], [2.0], [4.0], [8.0]])
+    expected = torch.tensor([[7 / 3], [7 / 3], [7 / 3], [8.0]])  # all three touch; the far one is alone
+    torch.testing.assert_close(lattice_neighbour_mean(tokens, coords, step=100), expected)
+    perm = torch.tensor([3, 1, 0, 2])
+    torch.testing.assert_close(lattice_neighbour_mean(tokens[perm], coords[perm], step=100), expected[perm])
+    # a diagonal step is a neighbour, two steps are not
+    diag = lattice_neighbour_mean(torch.tensor([[0.0], [6.0], [9.0]]), torch.tensor([[0, 0], [100, 100], [300, 0]]), step=100)
+    torch.testing.assert_close(diag, torch.tensor([[3.0], [3.0], [9.0]]))
+
+
+def test_spatial_context_changes_the_maps_needs_coords_and_is_off_for_old_teachers():
+    torch.manual_seed(4)
+    batch = make_batch([9, 12], [20, 16], d_in=D_IN, n_tumor=N_T, n_tme=N_E, seed=2)
+    on, off = build("teacher").eval(), build("teacher", spatial_context=0.0).eval()
+    off.load_state_dict(on.state_dict())
+    with torch.no_grad():
+        a = on(batch["bags"], coords=batch["coords"], masks=batch["masks"], genes=batch["genes"])
+        b = off(batch["bags"], masks=batch["masks"], genes=batch["genes"])  # no coords needed when off
+        # what the context does, by hand: tokens mixed half-half with their neighbourhood mean
+        from napari_dismm.model.context import with_context
+
+        tokens = on.embed["10x"](batch["bags"]["10x"])
+        mixed = with_context(tokens, batch["coords"]["10x"], batch["masks"]["10x"], step=448.0, weight=0.5)
+        _, expected = on.dmf["10x"]["tumor"](on._queries(batch["genes"])["tumor"], mixed, batch["masks"]["10x"])
+    torch.testing.assert_close(a.attention["10x"]["tumor"], expected)
+    assert not torch.allclose(a.attention["10x"]["tumor"], b.attention["10x"]["tumor"])
+    with pytest.raises(DataError, match="coordinates"):
+        on(batch["bags"], masks=batch["masks"], genes=batch["genes"])
+    with pytest.raises(ModelConfigError, match="spatial_context"):
+        build("teacher", spatial_context=1.5)

@@ -33,9 +33,10 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 FORMAT_VERSION = 2
 #: keys a newer format added to a model section, with the value every older file meant
-#: (format 2: the student's ITA got soft assignment; format-1 students merged hard, so
-#: their temperature is never used)
-_ADDED_IN = {2: {"student": {"assignment": "hard", "temperature": 2.0}}}
+#: (format 2: the student's ITA got soft assignment, the teacher a spatial context;
+#: format-1 students merged hard, so their temperature is never used, and format-1
+#: teachers saw each patch alone)
+_ADDED_IN = {2: {"student": {"assignment": "hard", "temperature": 2.0}, "teacher": {"spatial_context": 0.0}}}
 RESERVED = frozenset({"model", "model_id", "format_version"})
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
 

@@ -1,6 +1,7 @@
 """The DisMM teacher (stage I): WSI patches + tumor/TME gene vectors -> prediction.
 
-Per magnification: patch embedding, then DMF (one gene-queried cross-attention per
+Per magnification: patch embedding, each token mixed with its lattice neighbourhood
+(model/context.py), then DMF (one gene-queried cross-attention per
 subspace) gives the tumor and TME slide features and their per-patch attention; the
 SubspaceFusionHead turns the pair into logits. The gene encoders (SNNs) are shared by the
 magnifications; the magnifications' logits are combined (max confidence by default).
@@ -13,8 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from napari_dismm.errors import ModelConfigError
+from napari_dismm.errors import DataError, ModelConfigError
 from napari_dismm.model.config import validate_common
+from napari_dismm.model.context import magnification_number, with_context
 from napari_dismm.model.dmf import SubspaceCrossAttention
 from napari_dismm.model.heads import SubspaceFusionHead, combine_magnifications
 from napari_dismm.model.inputs import check_bags, check_genes, mask_for
@@ -32,7 +34,9 @@ class TeacherConfig:
     training loop (CGC toggle for ablations; DEV loss weight, scale and the 10x patch size
     in level-0 pixels for pooling onto the 10x grid). ``subspace_split=False`` is the
     ablation without knowledge-driven subspaces: one gene encoder reads all genes and queries
-    both subspaces, so nothing but their own attention weights tells tumor from TME."""
+    both subspaces, so nothing but their own attention weights tells tumor from TME.
+    ``spatial_context``: the weight of each patch's 3 x 3 lattice neighbourhood in its token
+    before the cross-attention (0 = off; model/context.py); needs the patch coordinates."""
 
     kind: str = "teacher"
     task: str = "classification"
@@ -51,6 +55,7 @@ class TeacherConfig:
     dev_form: str = "agreement"
     patch_size_10x_level0: float = 448.0
     subspace_split: bool = True
+    spatial_context: float = 0.5
 
     def __post_init__(self) -> None:
         validate_common(self)
@@ -60,6 +65,14 @@ class TeacherConfig:
             raise ModelConfigError(f"dev_form must be one of {', '.join(DEV_FORMS)}, got {self.dev_form!r}")
         if self.patch_size_10x_level0 <= 0:
             raise ModelConfigError(f"patch_size_10x_level0 must be > 0, got {self.patch_size_10x_level0}")
+        if not 0 <= self.spatial_context <= 1:
+            raise ModelConfigError(f"spatial_context must be in [0, 1], got {self.spatial_context}")
+        if self.spatial_context:
+            try:
+                for mag in self.magnifications:
+                    magnification_number(mag)
+            except ValueError as error:
+                raise ModelConfigError(f"spatial_context needs magnifications like '20x': {error}") from error
 
 
 class Teacher(nn.Module):
@@ -104,16 +117,23 @@ class Teacher(nn.Module):
         masks: dict[str, Tensor] | None = None,
         genes: dict[str, Tensor] | None = None,
     ) -> ModelOutput:
-        """``coords`` are not used by the teacher itself (DEV pooling reads them in the loss)."""
+        """``coords`` place each patch's neighbourhood (``spatial_context``; DEV pooling
+        reads them in the loss too)."""
         cfg = self.config
         present = check_bags(bags, masks, magnifications=cfg.magnifications, d_in=cfg.d_in)
         batch = bags[present[0]].shape[0]
         genes = check_genes(genes, widths={"tumor": cfg.n_tumor_genes, "tme": cfg.n_tme_genes}, batch=batch)
+        if cfg.spatial_context and (coords is None or any(m not in coords for m in present)):
+            raise DataError("this teacher looks at each patch's neighbours (spatial_context > 0): "
+                            "it needs the patch coordinates of every magnification")
         queries = self._queries(genes)
         logits, attention, features = {}, {}, {}
         for mag in present:
             tokens = self.embed[mag](bags[mag])
             mask = mask_for(masks, mag)
+            if cfg.spatial_context:
+                step = cfg.patch_size_10x_level0 * 10.0 / magnification_number(mag)
+                tokens = with_context(tokens, coords[mag], mask, step=step, weight=cfg.spatial_context)
             attention[mag], features[mag] = {}, {}
             for u in SUBSPACES:
                 features[mag][u], attention[mag][u] = self.dmf[mag][u](queries[u], tokens, mask)
