@@ -7,8 +7,8 @@ train the student with, per step,
     L = L_task(combined) + mean over m of distillation_loss_m
 where distillation_loss_m = L_task(student logits at m) + lambda_kd * T^2 KL(teacher || student)
 + lambda_f * per-subspace feature loss at m + lambda_att * per-subspace attention loss at m
-(KL of the teacher's tumor / TME map from the student's; model.losses.attention_loss, a
-decision beyond the paper, documented there) (model.losses.distillation_loss). The teacher
+(model.losses.distillation_loss; the attention term, KL of the teacher's tumor / TME map from
+the student's, is a decision beyond the paper, documented in model.losses.attention_loss). The teacher
 sees the same (subsampled) bags and the genes; the student never sees genes. Early stopping
 on the validation split and one test pass, as for every model (engine.train_fold).
 

@@ -309,7 +309,7 @@ class InformativeTokenAggregation(nn.Module):
         score_clamp: float = 10.0,
         chunk_size: int = 8192,
         assignment: str = "soft",
-        temperature: float = 1.0,
+        temperature: float = 2.0,
     ) -> None:
         super().__init__()
         if k < 1 or knn < 1 or n_anchors < 2 or n_candidates < k:
