@@ -7,7 +7,9 @@
    Also timed: until the canvas has drawn its first frame with the layers, and the floor
    -- the same six layer types with tiny data through the same code path, in the same
    run -- which is napari's fixed per-layer cost (layer controls, vispy visuals, the
-   colorbar) that no choice of layer data can remove.
+   colorbar) that no choice of layer data can remove. Then the same overlays replacing
+   shown ones, as a second Run (other scores) or a magnification change (10x -> 20x) does:
+   refilled in place (``viewer.layer_refill``, the widget's way) vs removed and added anew.
 2. Event-loop latency while an inference worker runs (`thread_worker`, as the widget does):
    a QTimer fires every 10 ms and records how late it is; max and p95 lag (goal < 100 ms).
    The worker does real CPU work (torch matmuls, which release the GIL like a model's
@@ -105,19 +107,19 @@ def _frame_clock(viewer):
 
 
 def bench_layers(viewer, prediction: Prediction | None, *, magnification: str | None = None,
-                 replace: bool = False) -> dict[str, float]:
+                 shown: tuple[Prediction, str | None] | None = None, refill: bool = True) -> dict[str, float]:
     """Build the layer data and add it; ``prediction=None`` adds the floor instead: one
     tiny (2 x 2 / 1-point / 1-polygon) layer of each overlay layer type, same placement.
-    ``replace``: the same overlays are already shown (untimed) and the timed add replaces
-    them, as a second Run or a magnification change does."""
+    ``shown``: (prediction, magnification) of overlays already shown (untimed) that the
+    timed add replaces, as a second Run or a magnification change does: refilled in place
+    (``refill``, what the widget does) or removed and added anew (what it did before)."""
     from qtpy.QtWidgets import QApplication
 
     from napari_dismm.viewer.prediction_layers import prediction_layer_data
-    from napari_dismm.viewer.widget import add_layer_tuples
+    from napari_dismm.viewer.widget import add_layer_tuples, prediction_layers_in
 
-    if replace:
-        add_layer_tuples(viewer, prediction_layer_data(prediction, magnification=magnification),
-                         prediction=prediction)
+    if shown is not None:
+        add_layer_tuples(viewer, prediction_layer_data(shown[0], magnification=shown[1]), prediction=shown[0])
     QApplication.processEvents()  # nothing pending from the previous run
     gc.collect()
     wait_frame = _frame_clock(viewer)
@@ -127,6 +129,10 @@ def bench_layers(viewer, prediction: Prediction | None, *, magnification: str | 
     else:
         tuples = prediction_layer_data(prediction, magnification=magnification)
     build = time.perf_counter() - t0
+    if shown is not None and not refill:
+        with viewer.layers.batched_update():
+            for layer in prediction_layers_in(viewer):
+                viewer.layers.remove(layer)
     layers = add_layer_tuples(viewer, tuples, prediction=prediction)
     seconds = time.perf_counter() - t0
     cpu = time.process_time() - c0
@@ -256,16 +262,22 @@ def main(repeats: int = 3) -> None:
         try:
             bench_layers(viewer, big_prediction(2000), magnification="all")  # warm-up: imports, shaders
             bench_layers(viewer, None)
+            bench_layers(viewer, prediction, shown=(prediction, "10x"))
             canvas = bench_canvas(prediction)
             print(f"layer controls: {'dynamic (as dismm view / demo)' if dynamic else 'napari default'}")
             print(f"patches (rows: 100k at 20x + 25k at 10x) {n};  load average {os.getloadavg()[0]:.1f} "
                   f"on {os.cpu_count()} cores; medians of {repeats} runs, interleaved [min-max]")
-            cases = {"default": (prediction, None, False), "all": (prediction, "all", False),
-                     "floor": (None, None, False), "replace": (prediction, None, True)}
+            rerun = big_prediction(seed=1)  # the same patches, other scores: a second Run
+            cases = {"default": (prediction, None, None, True), "all": (prediction, "all", None, True),
+                     "floor": (None, None, None, True),
+                     "rerun": (rerun, None, (prediction, None), True),
+                     "rerun, remove+add": (rerun, None, (prediction, None), False),
+                     "10x -> 20x": (prediction, None, (prediction, "10x"), True),
+                     "10x -> 20x, remove+add": (prediction, None, (prediction, "10x"), False)}
             runs: dict[str, list[dict]] = {case: [] for case in cases}
             for _ in range(repeats):
-                for case, (pred, mag, replace) in cases.items():
-                    runs[case].append(bench_layers(viewer, pred, magnification=mag, replace=replace))
+                for case, (pred, mag, shown, refill) in cases.items():
+                    runs[case].append(bench_layers(viewer, pred, magnification=mag, shown=shown, refill=refill))
             med = {case: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for case, rs in runs.items()}
 
             def span(case, key):
@@ -282,9 +294,12 @@ def main(repeats: int = 3) -> None:
                 print(f"napari add per layer seconds     {m['per_layer_add_s']:.3f}")
                 print(f"build+add RSS delta MB           {m['rss_mb']:.1f}   (goal < 50)")
                 print(f"until first frame drawn seconds  {m['frame_s']:.3f} {span(case, 'frame_s')}")
-            r = med["replace"]
-            print("-- replacing the shown default overlays (a second Run, a magnification change)")
-            print(f"build+remove+add seconds         {r['seconds']:.3f} {span('replace', 'seconds')}")
+            print("-- replacing shown overlays: refilled in place (the widget) vs removed and added anew")
+            for case in ("rerun", "10x -> 20x"):
+                r, o = med[case], med[f"{case}, remove+add"]
+                print(f"{case:12s} build+refill seconds  {r['seconds']:.3f} {span(case, 'seconds')}   "
+                      f"remove+add {o['seconds']:.3f} {span(case + ', remove+add', 'seconds')}   "
+                      f"ratio {o['seconds'] / r['seconds']:.1f}x  (goal < 0.3: {r['seconds'] / 0.3:.1f}x)")
             f, d = med["floor"], med["default"]
             print(f"-- floor: the same {f['layers']:.0f} layer types, tiny data, same code path")
             print(f"add seconds                      {f['seconds']:.3f} {span('floor', 'seconds')}  "

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from napari.layers import Image, Points, Shapes
 
 from napari_dismm.bundle import is_bundle_dir, read_bundle, write_bundle
 from napari_dismm.model.checkpoint import save_model
@@ -227,11 +228,11 @@ def test_reader_tuples_add_and_fill_the_panel(setup, tmp_path):
     assert widget.panel.figure.axes[0].get_ylabel() == "S(t)"
 
 
-def test_add_layer_tuples_selects_once_and_replaces(make_napari_viewer):
+def test_add_layer_tuples_selects_once_and_refills(make_napari_viewer):
     """Adding the overlays switches the layer controls once (napari would switch per added
     layer, each switch costing a dock rebuild and often a canvas repaint), ends with the
-    patch points alone selected (as napari's own adds would), replaces the slide's earlier
-    overlays, and leaves napari's select-on-insert on even when an add fails."""
+    patch points alone selected (as napari's own adds would), refills the slide's earlier
+    overlays in place, and leaves napari's select-on-insert on even when an add fails."""
     from napari_dismm.viewer.prediction_layers import prediction_layer_data
     from napari_dismm.viewer.widget import add_layer_tuples
     from tests.test_prediction_layers import make_prediction, patch_table
@@ -253,10 +254,89 @@ def test_add_layer_tuples_selects_once_and_replaces(make_napari_viewer):
     assert layers[1].colorbar.visible and not layers[2].colorbar.visible
     again = add_layer_tuples(viewer, prediction_layer_data(pred), prediction=pred)
     assert [layer.name for layer in viewer.layers] == ["unrelated"] + [layer.name for layer in again]
-    assert all(layer not in viewer.layers for layer in layers)
+    assert all(a is b for a, b in zip(layers, again))
     bad = [(np.zeros((2, 2)), {"name": "bad", "metadata": {"slide_id": "other"}}, "no-such-layer-type")]
     with pytest.raises(ValueError, match="layer_type"):
         add_layer_tuples(viewer, bad)
     assert viewer.layers._activate_on_insert
     viewer.add_image(np.zeros((2, 2), np.float32), name="later")
     assert set(viewer.layers.selection) == {viewer.layers["later"]}
+
+
+def two_magnification_prediction(seed: int):
+    """A 3 x 3 block of 20x patches under 10x patches (two magnifications, random scores)."""
+    from tests.test_prediction_layers import make_prediction, patch_table
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for mag, size, n in (("20x", 448, 3), ("10x", 896, 2)):
+        for i in range(n * n):
+            rows.append({"x": 1000 + (i % n) * size, "y": 500 + (i // n) * size, "width": size, "height": size,
+                         "magnification": mag, "tumor_attention": rng.random(), "tme_attention": rng.random(),
+                         "ita_cluster": int(rng.integers(0, 3)), "ita_centre": i < 2})
+    return make_prediction(patch_table(rows), contours=[[(900, 400), (3000, 400), (3000, 2500), (900, 2500)]])
+
+
+def _layer_state(layer) -> dict:
+    """What a user sees of an overlay layer (compared between a refilled and a fresh one)."""
+    state = {name: np.asarray(getattr(layer, name)).tolist()
+             for name in ("name", "scale", "translate", "visible", "opacity", "blending")}
+    state["units"] = [str(unit) for unit in layer.units]
+    state["metadata"] = sorted(layer.metadata)
+    if not isinstance(layer, Shapes):
+        state["data"] = np.nan_to_num(np.asarray(layer.data, dtype=float), nan=-7.0).tolist()
+    if isinstance(layer, Image):
+        state.update(contrast_limits=list(layer.contrast_limits), colormap=layer.colormap.name,
+                     interpolation=str(layer.interpolation2d), colorbar=layer.colorbar.visible or not layer.visible)
+    if isinstance(layer, Points):
+        state.update(features=layer.features.to_dict("list"), size=layer.size.tolist(),
+                     face=layer.face_color.tolist(), border=layer.border_color.tolist(),
+                     symbol=[str(s) for s in layer.symbol], border_width=layer.border_width.tolist())
+    if isinstance(layer, Shapes):
+        state["data"] = [np.asarray(d).tolist() for d in layer.data]
+    return state
+
+
+@pytest.mark.parametrize(("first", "then"), [(None, None), (None, "10x"), ("10x", "all"), ("all", None)])
+def test_refilled_overlays_equal_a_fresh_add(make_napari_viewer, first, then):
+    """A second Run or a magnification change refills the shown overlays in place (napari's
+    per-layer insert cost is not paid again); what is shown then equals a fresh add of the
+    same tuples, stacked in their order, with a user's own layer left where it was."""
+    from napari.layers import Layer
+
+    from napari_dismm.viewer.prediction_layers import prediction_layer_data
+    from napari_dismm.viewer.widget import add_layer_tuples
+
+    viewer = make_napari_viewer(show=True)
+    viewer.add_image(np.zeros((4, 4), np.float32), name="slide", scale=(0.25, 0.25), units=("um", "um"))
+    shown = add_layer_tuples(viewer, prediction_layer_data(two_magnification_prediction(0), magnification=first))
+    viewer.add_points(np.zeros((1, 2)), name="my notes", scale=(0.25, 0.25), units=("um", "um"))
+    new = two_magnification_prediction(1)
+    tuples = prediction_layer_data(new, magnification=then)
+    again = add_layer_tuples(viewer, tuples, prediction=new)
+    assert len({id(layer) for layer in shown} & {id(layer) for layer in again}) == min(len(shown), len(again))
+    names = [layer.name for layer in viewer.layers]
+    assert names[0] == "slide" and [n for n in names if n not in ("slide", "my notes")] == [
+        kwargs["name"] for _, kwargs, _ in tuples]
+    for (data, kwargs, kind), layer in zip(prediction_layer_data(new, magnification=then), again):
+        fresh = Layer.create(data, kwargs, kind)
+        fresh.metadata["dismm_prediction"] = new
+        if isinstance(fresh, Image):
+            fresh.colorbar.visible = fresh.visible
+        assert _layer_state(layer) == _layer_state(fresh), layer.name
+        assert layer.metadata["dismm_prediction"] is new
+
+
+def test_refill_keeps_what_the_user_changed(make_napari_viewer):
+    """A setting the user changed (opacity, a hidden layer) survives a magnification change
+    when the new tuple gives that setting the same value as before; new data always lands."""
+    from napari_dismm.viewer.prediction_layers import prediction_layer_data
+    from napari_dismm.viewer.widget import add_layer_tuples
+
+    viewer = make_napari_viewer(show=True)
+    pred = two_magnification_prediction(0)
+    tumor = add_layer_tuples(viewer, prediction_layer_data(pred))[1]
+    tumor.opacity, tumor.visible = 0.9, False
+    again = add_layer_tuples(viewer, prediction_layer_data(pred, magnification="10x"))
+    assert again[1] is tumor and tumor.name == "tumor attention 10x"
+    assert tumor.opacity == 0.9 and not tumor.visible and tumor.data.shape == (2, 2)

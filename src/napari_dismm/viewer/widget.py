@@ -25,6 +25,7 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QTimer
 
 from napari_dismm.errors import DismmError
+from napari_dismm.viewer.layer_refill import pair_layers, refill, remember
 from napari_dismm.viewer.panel import PredictionPanel
 from napari_dismm.viewer.prediction_layers import NORMALISATIONS, display_grid, prediction_layer_data
 
@@ -51,31 +52,50 @@ def prediction_layers_in(viewer, slide_id: str | None = None) -> list[Layer]:
 
 
 def add_layer_tuples(viewer, tuples, *, prediction=None) -> list[Layer]:
-    """Add prepared layer tuples, replacing the same slide's previous prediction layers.
+    """Show prepared layer tuples in place of the same slide's previous prediction layers.
 
-    Ends as napari's own adds do (the last added layer alone selected: the patch points,
-    whose hover shows the scores), but selects it once instead of once per layer: each
-    selection change rebuilds the layer-controls dock and repaints the canvas."""
+    A shown overlay of the same kind is refilled (`layer_refill`: a second Run or a
+    magnification change costs no napari layer insert or removal); the rest are added,
+    leftovers removed, and the slide's overlays end stacked in the tuples' order. Ends as
+    napari's own adds do (the last layer alone selected: the patch points, whose hover
+    shows the scores), but selects it once instead of once per layer: each selection
+    change rebuilds the layer-controls dock and repaints the canvas."""
     slide_ids = {kw["metadata"].get("slide_id") for _, kw, _ in tuples}
     old = [lay for sid in slide_ids for lay in prediction_layers_in(viewer, sid)]
-    if old:
+    pairs = pair_layers(old, tuples)
+    unused = [lay for lay in old if not any(lay is paired for paired in pairs)]
+    if unused:
         # napari runs a full gc.collect() and a scene-graph rebuild after each removed
         # layer (~0.5 s each with a big heap); inside a batch it does both once
         with viewer.layers.batched_update():
-            for layer in old:
+            for layer in unused:
                 viewer.layers.remove(layer)
-    added = []
+    shown = []
     with _activate_once(viewer.layers), _scene_graph_once(viewer):
-        for data, kwargs, kind in tuples:
+        for (data, kwargs, kind), layer in zip(tuples, pairs):
             if prediction is not None:
                 kwargs["metadata"]["dismm_prediction"] = prediction
-            layer = Layer.create(data, kwargs, kind)
-            if isinstance(layer, Image) and layer.visible and layer.metadata.get("dismm_kind") == "attention":
-                layer.colorbar.visible = True
-            added.append(viewer.add_layer(layer))
-    if added:
-        viewer.layers.selection.active = added[-1]
-    return added
+            if layer is not None:
+                refill(layer, data, kwargs, kind)
+            else:
+                layer = viewer.add_layer(remember(Layer.create(data, kwargs, kind), kwargs))
+            if isinstance(layer, Image) and layer.metadata.get("dismm_kind") == "attention":
+                layer.colorbar.visible = layer.colorbar.visible or layer.visible
+            shown.append(layer)
+        _stack_in_order(viewer.layers, shown)
+    if shown:
+        viewer.layers.selection.active = shown[-1]
+    return shown
+
+
+def _stack_in_order(layers, ordered: list[Layer]) -> None:
+    """Move refilled and added layers so that they stack bottom to top as ``ordered``."""
+    base = min((layers.index(layer) for layer in ordered), default=0)
+    for offset, layer in enumerate(ordered):
+        # the layers not yet placed all sit at or above base + offset: every move is downward
+        src = layers.index(layer)
+        if src != base + offset:
+            layers.move(src, base + offset)
 
 
 @contextlib.contextmanager
