@@ -255,8 +255,8 @@ def prediction_layer_data(
 
     ``magnification``: None = the finest present (what a pathologist looks at first),
     ``"all"`` = every magnification (only the finest visible), or a label such as ``"10x"``.
-    napari costs 0.15-0.3 s per added layer whatever its data (layer controls, vispy visuals;
-    software OpenGL, `benchmarks/bench_layers.py`), so fewer layers by default keeps opening fast."""
+    napari costs ~0.1 s per added layer whatever its data (vispy visuals, overlays; software
+    OpenGL, `benchmarks/bench_layers.py`), so fewer layers by default keeps opening fast."""
     patches = prediction.patches
     check_patches(patches)
     mpp, units = world_frame(prediction)
