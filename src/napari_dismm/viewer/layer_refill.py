@@ -31,8 +31,10 @@ _GIVEN: WeakKeyDictionary[Layer, dict[str, Any]] = WeakKeyDictionary()
 
 
 def remember(layer: Layer, kwargs: dict[str, Any]) -> Layer:
-    """Record the keywords a layer was made with, so a later refill sets only what differs."""
-    _GIVEN[layer] = dict(kwargs)
+    """Record the keywords a layer was made with, so a later refill sets only what differs.
+
+    Metadata is left out: it is always given anew and holds the whole prediction."""
+    _GIVEN[layer] = {name: value for name, value in kwargs.items() if name != "metadata"}
     return layer
 
 
@@ -98,19 +100,20 @@ def refill(layer: Layer, data, kwargs: dict[str, Any], kind: str) -> Layer:
 
 
 def same(old, new) -> bool:
-    """Whether two layer-tuple values are equal (arrays with NaN where both are NaN)."""
+    """Whether two layer-tuple values are equal (numbers, strings, arrays with NaN where both
+    are NaN, data frames); anything else counts as different, so it is set again."""
     if old is new:
         return True
     if isinstance(old, pd.DataFrame) or isinstance(new, pd.DataFrame):
         return isinstance(old, pd.DataFrame) and isinstance(new, pd.DataFrame) and old.equals(new)
     if isinstance(old, dict) or isinstance(new, dict):
-        return False  # metadata: always given anew (cheap, and holds the prediction object)
-    if isinstance(old, str) or isinstance(new, str):
-        return old == new
+        return False
     try:
         a, b = np.asarray(old), np.asarray(new)
     except (TypeError, ValueError):
         return False
-    if a.shape != b.shape or a.dtype.kind not in "biuf" or b.dtype.kind not in "biuf":
-        return a.shape == b.shape and a.dtype == object and b.dtype == object and bool(np.all(a == b))
-    return bool(np.array_equal(a, b, equal_nan=a.dtype.kind == "f" and b.dtype.kind == "f"))
+    if a.shape != b.shape:
+        return False
+    if a.dtype.kind in "biuf" and b.dtype.kind in "biuf":
+        return bool(np.array_equal(a, b, equal_nan=a.dtype.kind == "f" and b.dtype.kind == "f"))
+    return a.dtype.kind in "US" and b.dtype.kind in "US" and bool(np.array_equal(a, b))
