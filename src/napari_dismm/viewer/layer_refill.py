@@ -18,11 +18,6 @@ import numpy as np
 import pandas as pd
 from napari.layers import Layer
 
-#: attributes every layer kind takes after its data (names as in the layer-data tuples);
-#: applied in this order, so ``features`` meets the new number of points
-AFTER_DATA = ("features",)
-#: layer attributes a missing keyword resets to (placement must not leak between slides)
-DEFAULTS = {"scale": 1.0, "translate": 0.0}
 #: keywords only a shapes layer's constructor takes: tissue outlines are reused when equal
 SHAPES_CONSTRUCTOR_ONLY = ("shape_type", "face_color", "edge_color", "edge_width")
 
@@ -87,12 +82,9 @@ def refill(layer: Layer, data, kwargs: dict[str, Any], kind: str) -> Layer:
     given = _GIVEN.get(layer, {})
     if kind != "shapes" and not same(layer.data, data):
         layer.data = data
-    for name, default in DEFAULTS.items():
-        if name not in kwargs and name in given:
-            setattr(layer, name, np.full(layer.ndim, default))
     skip = SHAPES_CONSTRUCTOR_ONLY if kind == "shapes" else ()
-    late = [name for name in AFTER_DATA if name in kwargs]
-    for name in [n for n in kwargs if n not in late] + late:
+    # features last, so they meet the new number of points
+    for name in sorted(kwargs, key=lambda name: name == "features"):
         if name in skip or (name in given and same(given[name], kwargs[name])):
             continue
         setattr(layer, name, kwargs[name])
