@@ -19,5 +19,5 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 # torch first and pinned: any other version pulls gigabytes of CUDA packages.
-python3 -m pip install -q "torch==2.13.0"
+python3 -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
 python3 -m pip install -q -e ".[test]"
