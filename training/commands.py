@@ -50,6 +50,11 @@ def register_synth(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tumor-genes", type=int, default=16, help="tumor genes taken from the shipped sets")
     p.add_argument("--tme-genes", type=int, default=16, help="TME genes taken from the shipped sets")
+    p.add_argument("--regime", default="both", help="where the label's signal lives: both (default), genes, slide, "
+                   "weak, small_region, tme_independent")
+    p.add_argument("--patch-signal", type=float, default=None, help="state signal in planted patches (regime's)")
+    p.add_argument("--gene-signal", type=float, default=None, help="state shift of informative genes (regime's)")
+    p.add_argument("--region-fraction", type=float, default=None, help="share of tissue per planted region")
     p.set_defaults(handler=_synth)
 
 
@@ -121,12 +126,18 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _synth(args: argparse.Namespace) -> int:
     from napari_dismm.errors import DataError
-    from training.synth import planted_cohort_config, write_synthetic_cohort
+    from training.synth import regime_config, write_synthetic_cohort
 
     if args.patients < 8:
         raise DataError(f"--patients must be >= 8, got {args.patients}")
+    overrides = {key: value for key, value in (("patch_signal", args.patch_signal), ("gene_signal", args.gene_signal),
+                                               ("region_fraction", args.region_fraction)) if value is not None}
+    try:
+        config = regime_config(args.regime, task=args.task, n_patients=args.patients, seed=args.seed, **overrides)
+    except ValueError as error:
+        raise DataError(f"dismm synth: {error}") from error
     files = write_synthetic_cohort(
-        args.out, config=planted_cohort_config(task=args.task, n_patients=args.patients, seed=args.seed),
+        args.out, config=config,
         n_tumor_genes=args.tumor_genes, n_tme_genes=args.tme_genes,
     )
     print(f"wrote {len(files.synth.patients)} patients to {files.root}: {files.csv.name}, "

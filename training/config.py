@@ -23,7 +23,7 @@ from napari_dismm.errors import ModelConfigError
 from napari_dismm.model.heads import COMBINE_RULES
 from napari_dismm.model.ita import ASSIGNMENTS
 
-BASELINES = ("abmil", "late_fusion")
+BASELINES = ("abmil", "late_fusion", "genes_only")
 SELECT_ON = ("loss", "metric")
 
 
@@ -134,6 +134,12 @@ class TeacherSettings:
                        choices=("agreement", "per_slide", "reference"))
     spatial_context: float = _f(0.5, "weight of each patch's 3 x 3 lattice neighbourhood in its token before the "
                                 "gene-queried attention (0 = each patch alone; model/context.py)", lo=0, hi=1)
+    gene_residual: bool = _f(True, "each subspace feature carries its gene embedding, so the prediction reads the "
+                             "expression (model/teacher.py); false = genes only choose where to look")
+    gene_dropout: float = _f(0.5, "training: share of samples whose gene residual is dropped (so the fused head "
+                             "cannot lean on the genes alone)", lo=0, hi=1, hi_open=True)
+    slide_aux_weight: float = _f(1.0, "weight of the task loss of the slide-only head (keeps the attention maps "
+                                 "finding the label's patches once the head reads the genes; 0 = no such head)", lo=0)
     patience: int = _f(10, "epochs without validation improvement before stopping (0 = never stop early)", lo=0)
 
     def __post_init__(self) -> None:

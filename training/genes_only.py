@@ -88,8 +88,14 @@ def _rows(cohort: RealCohort, patients) -> np.ndarray:
 
 
 def fit_genes_only(cohort: RealCohort, fold, *, seed: int = 0, epochs: int = 200, lr: float = 1e-3,
-                   patience: int = 30, d: int = 32, n_bins: int = 4) -> np.ndarray:
-    """Train on the fold's training part, select the epoch on its validation NLL; test risks."""
+                   patience: int = 30, d: int = 32, n_bins: int = 4, dropout: float = 0.25,
+                   weight_decay: float = 1e-4, n_models: int = 5) -> np.ndarray:
+    """Train on the fold's training part, select the epoch on its validation NLL; test risks.
+
+    The mean over ``n_models`` members trained from different initialisations: on ~120
+    training patients one SNN's held-out C-index moves by ~0.02 with its seed. Chosen on
+    split seeds 1 and 2 (one member, dropout 0.1: 0.614 / 0.641; five, dropout 0.25: 0.666 /
+    0.684; CoxPH 0.650 / 0.643), reported on the test's split seed 0 (tests/training/test_real_data.py)."""
     norm = ExpressionNormaliser(log1p=False).fit(cohort.table.select(fold.train), cohort.gene_sets)
     vec = {part: cohort.table.vectors(getattr(fold, part), norm) for part in ("train", "val", "test")}
     tr, va = _rows(cohort, fold.train), _rows(cohort, fold.val)
@@ -101,9 +107,22 @@ def fit_genes_only(cohort: RealCohort, fold, *, seed: int = 0, epochs: int = 200
                 torch.from_numpy(cohort.events[rows]).float())
 
     train, val = tensors("train", tr), tensors("val", va)
-    torch.manual_seed(seed_for(seed, "genes_only", fold.test[0]))
-    model = GeneSurvivalModel(n_tumor=train[0].shape[1], n_tme=train[1].shape[1], d=d, n_bins=n_bins)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    test = (torch.from_numpy(vec["test"]["tumor"]), torch.from_numpy(vec["test"]["tme"]))
+    risks = []
+    for member in range(n_models):
+        torch.manual_seed(seed_for(seed, "genes_only", fold.test[0], *([member] if member else [])))
+        model = GeneSurvivalModel(n_tumor=train[0].shape[1], n_tme=train[1].shape[1], d=d, n_bins=n_bins,
+                                  dropout=dropout)
+        _fit_member(model, train, val, epochs=epochs, lr=lr, weight_decay=weight_decay, patience=patience)
+        with torch.no_grad():
+            risks.append(model.risk(*test).numpy())
+    return np.mean(risks, axis=0)
+
+
+def _fit_member(model: GeneSurvivalModel, train, val, *, epochs: int, lr: float, weight_decay: float,
+                patience: int) -> None:
+    """Full-batch AdamW on the training part; keeps the state of the best validation NLL."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     best, best_loss, bad = None, math.inf, 0
     for _ in range(epochs):
         model.train()
@@ -121,8 +140,6 @@ def fit_genes_only(cohort: RealCohort, fold, *, seed: int = 0, epochs: int = 200
                 break
     model.load_state_dict(best)
     model.eval()
-    with torch.no_grad():
-        return model.risk(torch.from_numpy(vec["test"]["tumor"]), torch.from_numpy(vec["test"]["tme"])).numpy()
 
 
 def fit_cox(cohort: RealCohort, fold, *, penalizer: float = 0.1) -> np.ndarray:

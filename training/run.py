@@ -49,6 +49,7 @@ class ModelSpec:
     cgc: bool | None = None
     dev_weight: float | None = None
     subspace_split: bool = True
+    spatial_context: float | None = None
 
     @property
     def needs_genes(self) -> bool:
@@ -56,9 +57,11 @@ class ModelSpec:
         return self.kind not in ("abmil", *MIRROR_MODELS)
 
 
-ABLATIONS = (ModelSpec("teacher_no_cgc", "teacher", cgc=False), ModelSpec("teacher_no_dev", "teacher", dev_weight=0.0))
+ABLATIONS = (ModelSpec("teacher_no_cgc", "teacher", cgc=False), ModelSpec("teacher_no_dev", "teacher", dev_weight=0.0),
+             ModelSpec("teacher_no_context", "teacher", spatial_context=0.0))
 KNOWN = {"teacher": ModelSpec("teacher", "teacher"), "student": ModelSpec("student", "student"),
          "abmil": ModelSpec("abmil", "abmil"), "late_fusion": ModelSpec("late_fusion", "late_fusion"),
+         "genes_only": ModelSpec("genes_only", "genes_only"),
          **{a.name: a for a in ABLATIONS},
          # not in the default ablations: one gene encoder for both subspaces (issue 7's CKA contrast)
          "teacher_no_split": ModelSpec("teacher_no_split", "teacher", subspace_split=False),
@@ -153,7 +156,8 @@ def run_training(
             else:
                 outcome = train_supervised_fold(kind=spec.kind, name=spec.name, setup=setup, out_dir=fold_dir,
                                                 cgc=spec.cgc, dev_weight=spec.dev_weight,
-                                                subspace_split=spec.subspace_split, ctx=ctx)
+                                                subspace_split=spec.subspace_split,
+                                                spatial_context=spec.spatial_context, ctx=ctx)
             shown = ", ".join(f"{m} {v:.3f}" for m, v in outcome.metrics.items() if v is not None)
             say(f"{spec.name} fold {k}: {shown} (best epoch {outcome.best_epoch}/{outcome.epochs_run})")
     summary = collect_summary(out)

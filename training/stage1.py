@@ -34,7 +34,7 @@ from training.ddp import SINGLE, DistContext
 from training.engine import FoldOutcome, LoopSettings, seed_for, train_fold
 from training.splits import Fold
 
-GENE_MODELS = ("teacher", "student", "late_fusion")  # need the expression at training time
+GENE_MODELS = ("teacher", "student", "late_fusion", "genes_only")  # need the expression at training time
 
 
 @dataclass
@@ -111,7 +111,7 @@ def prepare_fold(
 
 
 def model_config(kind: str, setup: FoldSetup, *, cgc: bool = True, dev_weight: float | None = None,
-                 subspace_split: bool = True) -> dict[str, Any]:
+                 subspace_split: bool = True, spatial_context: float | None = None) -> dict[str, Any]:
     """The architecture dict of ``kind`` for this fold (n_outputs, widths, genes); the
     teacher's DEV weight defaults to the run's ``[teacher] dev_weight``."""
     m = setup.cfg.model
@@ -125,13 +125,15 @@ def model_config(kind: str, setup: FoldSetup, *, cgc: bool = True, dev_weight: f
                     "dev_weight": setup.cfg.teacher.dev_weight if dev_weight is None else dev_weight,
                     "patch_size_10x_level0": setup.patch_size_10x_level0,
                     "subspace_split": subspace_split, "dev_form": setup.cfg.teacher.dev_form,
-                    "spatial_context": setup.cfg.teacher.spatial_context}
+                    "spatial_context": setup.cfg.teacher.spatial_context if spatial_context is None else spatial_context,
+                    "gene_residual": setup.cfg.teacher.gene_residual, "gene_dropout": setup.cfg.teacher.gene_dropout,
+                    "slide_head": setup.cfg.teacher.slide_aux_weight > 0}
         case "student":
             return {**common, "k": m.k, "knn": m.knn, "n_heads": m.n_heads, "dropout": m.dropout,
                     "assignment": m.ita_assignment, "temperature": m.ita_temperature}
         case "abmil":
             return {**common, "dropout": m.dropout}
-        case "late_fusion":
+        case "late_fusion" | "genes_only":
             return {**common, **genes, "dropout": m.dropout}
     raise ValueError(kind)
 
@@ -141,8 +143,10 @@ class SupervisedObjective:
 
     def __init__(self, model: nn.Module, *, task: str, class_weights: Tensor | None,
                  dev_weight: float = 0.0, cgc: bool = False, patch_size_10x_level0: float = 448.0,
-                 dev_scale: float = 1e4, dev_form: str = "agreement", dev_warmup: int = 0) -> None:
+                 dev_scale: float = 1e4, dev_form: str = "agreement", dev_warmup: int = 0,
+                 slide_aux_weight: float = 0.0) -> None:
         self.task = task
+        self.slide_aux_weight = slide_aux_weight
         self.class_weights = class_weights
         mags = set(model.config.magnifications)
         self.dev_weight = dev_weight if {"10x", "20x"} <= mags else 0.0
@@ -163,6 +167,11 @@ class SupervisedObjective:
         per_mag = torch.stack([self._task(lg, batch) for lg in out.per_magnification_logits.values()]).mean()
         loss = combined + per_mag
         parts = {"task": float(combined.detach()), "task_per_mag": float(per_mag.detach())}
+        slide_logits = [v for k, v in out.extras.items() if k.startswith("slide_logits.")]
+        if self.slide_aux_weight > 0 and slide_logits:
+            slide = torch.stack([self._task(lg, batch) for lg in slide_logits]).mean()
+            loss = loss + self.slide_aux_weight * slide
+            parts["task_slide"] = float(slide.detach())
         if self.dev_weight > 0 and len(batch) >= 2 and self.epoch >= self.dev_warmup:
             dev = dev_loss_from_output(out, batch.coords, batch.masks,
                                        patch_size_10x_level0=self.patch_size_10x_level0, scale=self.dev_scale,
@@ -182,7 +191,8 @@ class SupervisedObjective:
 
 def train_supervised_fold(
     *, kind: str, name: str, setup: FoldSetup, out_dir: Path, cgc: bool | None = None,
-    dev_weight: float | None = None, subspace_split: bool = True, ctx: DistContext = SINGLE,
+    dev_weight: float | None = None, subspace_split: bool = True, spatial_context: float | None = None,
+    ctx: DistContext = SINGLE,
 ) -> FoldOutcome:
     """Train the teacher (stage I) or a baseline on one fold; files under ``out_dir``."""
     cfg = setup.cfg
@@ -198,13 +208,15 @@ def train_supervised_fold(
         settings = LoopSettings(b.epochs, b.lr, cfg.teacher.weight_decay, b.patience, cfg.data.batch_size,
                                 cfg.cv.select_on, cfg.cv.seed)
     torch.manual_seed(seed_for(cfg.cv.seed, name, setup.index, "init"))
-    model = build_model(model_config(kind, setup, cgc=cgc, dev_weight=dev_weight, subspace_split=subspace_split))
+    model = build_model(model_config(kind, setup, cgc=cgc, dev_weight=dev_weight, subspace_split=subspace_split,
+                                     spatial_context=spatial_context))
     objective = SupervisedObjective(model, task=setup.task, class_weights=setup.class_weights,
                                     dev_weight=dev_weight, cgc=cgc,
                                     patch_size_10x_level0=setup.patch_size_10x_level0,
                                     dev_scale=getattr(model.config, "dev_scale", 1e4),
                                     dev_form=getattr(model.config, "dev_form", "agreement"),
-                                    dev_warmup=cfg.teacher.dev_warmup if kind == "teacher" else 0)
+                                    dev_warmup=cfg.teacher.dev_warmup if kind == "teacher" else 0,
+                                    slide_aux_weight=cfg.teacher.slide_aux_weight if kind == "teacher" else 0.0)
     return train_fold(model=model, objective=objective, data=setup.data, settings=settings, fold_dir=out_dir,
                       name=name, fold=setup.index, extras=setup.extras(name), class_weights=setup.class_weights,
                       class_names=setup.cohort.class_names, ctx=ctx)

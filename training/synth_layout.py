@@ -13,6 +13,11 @@ per patch and direction. The decoys carry no state but swamp the mean of the bag
 mean-pooling can no longer read the states; a model has to *find* the planted patches
 (they carry the type directions). Left at 0 the random stream is untouched, so default
 cohorts are bit-identical to those generated before the option existed.
+
+``label_from = "tumor"`` makes the label the tumor state alone (two classes; for survival
+the hazard follows the tumor state alone): the TME state still varies, in the TME patches
+and genes, independently of the label. ``patch_signal = 0`` or ``gene_signal = 0`` takes
+the state out of the slides or out of the genes (the regimes of ``training.synth.REGIMES``).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import numpy as np
 
 REGION_OTHER, REGION_TUMOR, REGION_TME = 0, 1, 2
 REGION_NAMES = ("other", "tumor", "tme")
+LABEL_SOURCES = ("both", "tumor")
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,7 @@ class SynthConfig:
     patch_size: int = 224
     censor_fraction: float = 0.15
     decoy_signal: float = 0.0             # opt-in: random-sign state shifts on "other" patches
+    label_from: str = "both"              # "both": 4 classes of (tumor, TME) state; "tumor": 2 classes
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -52,6 +59,10 @@ class SynthConfig:
             raise ValueError("need 2 <= grid_min <= grid_max")
         if self.decoy_signal < 0:
             raise ValueError("decoy_signal must be >= 0")
+        if self.label_from not in LABEL_SOURCES:
+            raise ValueError(f"label_from must be one of {', '.join(LABEL_SOURCES)}, not {self.label_from!r}")
+        if self.patch_signal < 0 or self.gene_signal < 0 or not 0 < self.region_fraction < 0.5:
+            raise ValueError("need patch_signal >= 0, gene_signal >= 0 and 0 < region_fraction < 0.5")
 
     def step_level0(self, mpp: float) -> int:
         """Level-0 pixels per patch at a target mpp (224 px at 1.0 µm/px -> 896 px at 0.25)."""
@@ -91,11 +102,12 @@ class SynthCohort:
     class_names: tuple[str, ...]
 
 
-def class_of(tumor_state: int, tme_state: int) -> int:
-    return 2 * tumor_state + tme_state
+def class_of(tumor_state: int, tme_state: int, label_from: str = "both") -> int:
+    return tumor_state if label_from == "tumor" else 2 * tumor_state + tme_state
 
 
 CLASS_NAMES = ("tumor-low/TME-cold", "tumor-low/TME-hot", "tumor-high/TME-cold", "tumor-high/TME-hot")
+TUMOR_CLASS_NAMES = ("tumor-low", "tumor-high")
 
 
 def _layout(rng: np.random.Generator, cfg: SynthConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -150,7 +162,8 @@ def _unit_directions(rng, dim: int) -> dict[str, np.ndarray]:
 
 def _survival(rng, cfg, tumor_state: np.ndarray, tme_state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Exponential times whose hazard rises with tumor state and falls with an immune-hot TME."""
-    log_hazard = (SURVIVAL_TUMOR_LOG_HR * tumor_state + SURVIVAL_TME_LOG_HR * tme_state
+    tme_log_hr = 0.0 if cfg.label_from == "tumor" else SURVIVAL_TME_LOG_HR
+    log_hazard = (SURVIVAL_TUMOR_LOG_HR * tumor_state + tme_log_hr * tme_state
                   + 0.15 * rng.standard_normal(len(tumor_state)))
     times = rng.exponential(24.0 * np.exp(-log_hazard))
     censored = rng.random(len(times)) < cfg.censor_fraction
@@ -174,7 +187,7 @@ def generate_cohort(cfg: SynthConfig, *, tumor_genes: tuple[str, ...], tme_genes
         t, e = int(states[i, 0]), int(states[i, 1])
         patient = SynthPatient(
             patient_id=f"TCGA-SY-{i + 1:04d}", tumor_state=t, tme_state=e,
-            label=class_of(t, e) if cfg.task == "classification" else None,
+            label=class_of(t, e, cfg.label_from) if cfg.task == "classification" else None,
             time=float(times[i]) if times is not None else None,
             event=int(events[i]) if events is not None else None,
         )
@@ -185,7 +198,8 @@ def generate_cohort(cfg: SynthConfig, *, tumor_genes: tuple[str, ...], tme_genes
         patients.append(patient)
     genes = tuple(tumor_genes) + tuple(tme_genes)
     expression = _expression(rng, cfg, states, len(tumor_genes), len(tme_genes))
-    class_names = CLASS_NAMES if cfg.task == "classification" else ()
+    class_names = () if cfg.task != "classification" else (
+        TUMOR_CLASS_NAMES if cfg.label_from == "tumor" else CLASS_NAMES)
     return SynthCohort(cfg, patients, tuple(tumor_genes), tuple(tme_genes), expression, genes, class_names)
 
 

@@ -48,7 +48,7 @@ DEFAULT_PATCH_SIZE = 224
 DEMO_MODEL_DIR = Path(__file__).parent / "data" / "demo_model"
 #: patches encoded between two polls of ``cancel`` on CPU (~0.1-0.2 s each on 2 loaded cores)
 CANCEL_CHUNK = 4
-NEEDS_GENES = ("teacher", "late_fusion")
+NEEDS_GENES = ("teacher", "late_fusion", "genes_only")
 #: attention maps of models without subspaces (see ``_patch_rows``)
 SINGLE_MAPS = ("abmil", "cls")
 

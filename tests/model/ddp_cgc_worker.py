@@ -36,7 +36,8 @@ def teacher_and_data():
     from tests.model.model_helpers import make_batch
 
     torch.manual_seed(0)
-    model = Teacher(TeacherConfig(d_in=8, d=8, n_heads=2, n_tumor_genes=3, n_tme_genes=4, dropout=0.0, n_outputs=3))
+    model = Teacher(TeacherConfig(d_in=8, d=8, n_heads=2, n_tumor_genes=3, n_tme_genes=4, dropout=0.0, gene_dropout=0.0, slide_head=False,
+                                  n_outputs=3))
     batch = make_batch([6, 6, 6, 6], [10, 10, 10, 10], d_in=8, n_tumor=3, n_tme=4, seed=5)
     return model, batch, torch.tensor([0, 2, 1, 2])
 

@@ -8,7 +8,7 @@ import torch
 
 from napari_dismm.errors import ModelConfigError
 from napari_dismm.model.baselines import ABMILConfig, LateFusionConfig
-from napari_dismm.model.checkpoint import CONFIG, WEIGHTS, load_model, save_model, weights_id
+from napari_dismm.model.checkpoint import CONFIG, FORMAT_VERSION, WEIGHTS, load_model, save_model, weights_id
 from napari_dismm.model.registry import build_model, config_from_dict
 from napari_dismm.model.teacher import TeacherConfig
 from tests.model.model_helpers import make_batch
@@ -126,7 +126,7 @@ def test_format_1_students_load_with_the_hard_assignment_they_were_trained_with(
     model = build_model({"kind": "student", "d_in": 12, "d": 8, "n_heads": 2, "assignment": "hard"}).eval()
     save_model(model, tmp_path / "old")
     doc = json.loads((tmp_path / "old" / CONFIG).read_text())
-    assert doc["format_version"] == 2 and doc["model"]["assignment"] == "hard"
+    assert doc["format_version"] == FORMAT_VERSION and doc["model"]["assignment"] == "hard"
     del doc["model"]["assignment"], doc["model"]["temperature"]
     doc["format_version"] = 1
     (tmp_path / "old" / CONFIG).write_text(json.dumps(doc))
@@ -137,7 +137,7 @@ def test_format_1_students_load_with_the_hard_assignment_they_were_trained_with(
         torch.testing.assert_close(model(batch["bags"], masks=batch["masks"]).logits,
                                    loaded(batch["bags"], masks=batch["masks"]).logits, atol=0, rtol=0)
     # in a current file the key is required, as every other one
-    doc["format_version"] = 2
+    doc["format_version"] = FORMAT_VERSION
     (tmp_path / "old" / CONFIG).write_text(json.dumps(doc))
     with pytest.raises(ModelConfigError, match="assignment"):
         load_model(tmp_path / "old")
@@ -159,3 +159,25 @@ def test_format_1_teachers_load_without_spatial_context(tmp_path):
     doc["format_version"] = 1
     (tmp_path / "old" / CONFIG).write_text(json.dumps(doc))
     assert load_model(tmp_path / "old")[0].config.spatial_context == 0.0
+
+
+def test_format_2_teachers_load_without_the_gene_residual_and_slide_head(tmp_path):
+    """Format 3 added the gene residual and the slide-only head (issue 13); a format-2
+    teacher had neither and must load as it was trained, with the same outputs."""
+    torch.manual_seed(0)
+    config = TeacherConfig(d_in=12, d=8, n_heads=2, n_tumor_genes=5, n_tme_genes=7, gene_residual=False,
+                           slide_head=False, gene_dropout=0.0, base_query=False)
+    model = build_model(config).eval()
+    save_model(model, tmp_path / "old")
+    doc = json.loads((tmp_path / "old" / CONFIG).read_text())
+    for key in ("gene_residual", "slide_head", "gene_dropout", "base_query"):
+        del doc["model"][key]
+    doc["format_version"] = 2
+    (tmp_path / "old" / CONFIG).write_text(json.dumps(doc))
+    loaded, _ = load_model(tmp_path / "old")
+    assert (loaded.config.gene_residual, loaded.config.slide_head) == (False, False)
+    batch = make_batch([5, 8], [7, 3], d_in=12, n_tumor=5, n_tme=7)
+    kwargs = {"masks": batch["masks"], "coords": batch["coords"], "genes": batch["genes"]}
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch["bags"], **kwargs).logits, loaded(batch["bags"], **kwargs).logits,
+                                   atol=0, rtol=0)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from napari_dismm.errors import DataError, ModelConfigError
-from napari_dismm.model.baselines import ABMIL, ABMILConfig, LateFusion, LateFusionConfig
+from napari_dismm.model.baselines import GenesOnly, GenesOnlyConfig, ABMIL, ABMILConfig, LateFusion, LateFusionConfig
 from napari_dismm.model.losses import task_loss
 from napari_dismm.model.teacher import Teacher, TeacherConfig
 from tests.model.model_helpers import make_batch, single_thread  # noqa: F401
@@ -17,13 +17,15 @@ D_IN, N_T, N_E = 12, 5, 7
 def build(kind: str, task: str = "classification", dropout: float = 0.0, **kw):
     common = dict(task=task, n_outputs=3 if task == "classification" else 4, d_in=D_IN, d=16, dropout=dropout, **kw)
     if kind == "teacher":
-        return Teacher(TeacherConfig(n_tumor_genes=N_T, n_tme_genes=N_E, n_heads=4, **common))
+        return Teacher(TeacherConfig(n_tumor_genes=N_T, n_tme_genes=N_E, n_heads=4, gene_dropout=dropout, **common))
     if kind == "abmil":
         return ABMIL(ABMILConfig(**common))
+    if kind == "genes_only":
+        return GenesOnly(GenesOnlyConfig(n_tumor_genes=N_T, n_tme_genes=N_E, **common))
     return LateFusion(LateFusionConfig(n_tumor_genes=N_T, n_tme_genes=N_E, **common))
 
 
-KINDS = ["teacher", "abmil", "late_fusion"]
+KINDS = ["teacher", "abmil", "late_fusion", "genes_only"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -214,3 +216,41 @@ def test_spatial_context_changes_the_maps_needs_coords_and_is_off_for_old_teache
         on(batch["bags"], masks=batch["masks"], genes=batch["genes"])
     with pytest.raises(ModelConfigError, match="spatial_context"):
         build("teacher", spatial_context=1.5)
+
+
+@pytest.mark.parametrize("gene_residual", [True, False])
+def test_the_prediction_reads_the_expression_only_with_the_gene_residual(gene_residual):
+    """Every bag the same (one repeated patch): pooled slide features cannot differ between
+    samples, so labels that follow the genes can be fitted only if the genes reach the head
+    (issue 13: a teacher whose genes only chose where to look lost to expression alone)."""
+    torch.manual_seed(0)
+    model = build("teacher", gene_residual=gene_residual, spatial_context=0.0).train()
+    batch = make_batch([6] * 8, [9] * 8, d_in=D_IN, n_tumor=N_T, n_tme=N_E, seed=1)
+    bags = {m: b[:1, :1].expand_as(b).clone() for m, b in batch["bags"].items()}
+    masks = {m: torch.ones(b.shape[:2], dtype=torch.bool) for m, b in bags.items()}
+    target = torch.arange(8) % 3
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        out = model(bags, masks=masks, genes=batch["genes"])
+        loss = sum(task_loss(l, target, task="classification") for l in out.per_magnification_logits.values())
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    with torch.no_grad():
+        final = float(task_loss(model(bags, masks=masks, genes=batch["genes"]).logits, target, task="classification"))
+    assert (final < 0.05) if gene_residual else (final > 0.5), final
+
+
+def test_slide_head_reads_the_slide_features_alone():
+    """The slide-only logits (what keeps the maps finding the label's patches) do not move
+    when only the gene residual would move them: with uniform bags they are one row for all."""
+    torch.manual_seed(0)
+    model = build("teacher", spatial_context=0.0).eval()
+    batch = make_batch([6] * 4, [9] * 4, d_in=D_IN, n_tumor=N_T, n_tme=N_E, seed=1)
+    bags = {m: b[:1, :1].expand_as(b).clone() for m, b in batch["bags"].items()}
+    masks = {m: torch.ones(b.shape[:2], dtype=torch.bool) for m, b in bags.items()}
+    out = model(bags, masks=masks, genes=batch["genes"])
+    for mag in bags:
+        slide = out.extras[f"slide_logits.{mag}"]
+        torch.testing.assert_close(slide, slide[:1].expand_as(slide))
+        assert not torch.allclose(out.per_magnification_logits[mag], out.per_magnification_logits[mag][:1])

@@ -21,7 +21,7 @@ def test_defaults_without_a_file():
     cfg = load_config(None)
     assert cfg == TrainConfig()
     assert cfg.cv.folds == 3 and cfg.data.max_patches == 4096 and cfg.student.temperature == 2.0
-    assert cfg.baselines.run == ("abmil", "late_fusion")
+    assert cfg.baselines.run == ("abmil", "late_fusion", "genes_only")
 
 
 def test_partial_file_overrides_only_its_keys(tmp_path):

@@ -15,7 +15,7 @@ from tests.training.synth_files import write_cohort
 
 TINY = {"model": {"d": 16, "dropout": 0.0}, "data": {"batch_size": 4}, "teacher": {"epochs": 2},
         "student": {"epochs": 2}, "baselines": {"epochs": 2}}
-MODELS = ("teacher", "student", "abmil", "late_fusion")
+MODELS = ("teacher", "student", "abmil", "late_fusion", "genes_only")
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -103,6 +103,6 @@ def test_plan_models_orders_and_checks_names():
     cfg = config_from_dict({})
     assert [m.name for m in plan_models(cfg, models=["student"])] == ["teacher", "student"]
     assert [m.name for m in plan_models(cfg, models=["teacher"], ablations=True)] == [
-        "teacher", "teacher_no_cgc", "teacher_no_dev"]
+        "teacher", "teacher_no_cgc", "teacher_no_dev", "teacher_no_context"]
     with pytest.raises(DataError, match="unknown model"):
         plan_models(cfg, models=["resnet"])

@@ -3,6 +3,9 @@
 - ABMIL: gated-attention MIL (Ilse et al., 2018), WSI only.
 - Late fusion: ABMIL slide feature + an SNN over all genes (tumor then TME, concatenated),
   concatenated and fed to one head.
+- Genes only: the teacher's gene path alone (an SNN per subspace, the subspace fusion head);
+  it takes the bags only for the shared signature. The bar the teacher must clear on
+  cohorts whose label lives in the expression.
 
 Their attention is a single map, returned as ``attention[mag]["abmil"]`` (not copied into
 the "tumor"/"tme" slots, which would claim a disentanglement these models do not have);
@@ -17,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from napari_dismm.model.config import validate_common
-from napari_dismm.model.heads import TaskHead, combine_magnifications
+from napari_dismm.model.heads import SubspaceFusionHead, TaskHead, combine_magnifications
 from napari_dismm.model.inputs import check_bags, check_genes, mask_for
 from napari_dismm.model.layers import SNN, PatchEmbedding, masked_softmax
 from napari_dismm.model.outputs import ModelOutput
@@ -41,6 +44,23 @@ class ABMILConfig:
 @dataclass
 class LateFusionConfig:
     kind: str = "late_fusion"
+    task: str = "classification"
+    n_outputs: int = 4
+    d_in: int = 1024
+    d: int = 128
+    magnifications: tuple[str, ...] = ("10x", "20x")
+    n_tumor_genes: int = 59
+    n_tme_genes: int = 361
+    dropout: float = 0.25
+    combine: str = "max_confidence"
+
+    def __post_init__(self) -> None:
+        validate_common(self)
+
+
+@dataclass
+class GenesOnlyConfig:
+    kind: str = "genes_only"
     task: str = "classification"
     n_outputs: int = 4
     d_in: int = 1024
@@ -146,3 +166,29 @@ class LateFusion(nn.Module):
             attention[mag] = {"abmil": attn}
             features[mag] = {"abmil": pooled, "genes": gene_feature}
         return _output(logits, attention, features, self.heads[present[0]], cfg)
+
+
+class GenesOnly(nn.Module):
+    """Tumor and TME gene vectors -> an SNN each -> SubspaceFusionHead; no slide."""
+
+    def __init__(self, config: GenesOnlyConfig) -> None:
+        super().__init__()
+        validate_common(config)
+        self.config = config
+        self.encoders = nn.ModuleDict({
+            "tumor": SNN(config.n_tumor_genes, config.d, dropout=config.dropout),
+            "tme": SNN(config.n_tme_genes, config.d, dropout=config.dropout),
+        })
+        self.head = SubspaceFusionHead(task=config.task, d=config.d, n_outputs=config.n_outputs)
+
+    def forward(self, bags, *, coords=None, masks=None, genes=None) -> ModelOutput:
+        """The same logits stand for every magnification given (the slide is not read)."""
+        cfg = self.config
+        present = check_bags(bags, masks, magnifications=cfg.magnifications, d_in=cfg.d_in)
+        batch = bags[present[0]].shape[0]
+        genes = check_genes(genes, widths={"tumor": cfg.n_tumor_genes, "tme": cfg.n_tme_genes}, batch=batch)
+        f = {u: self.encoders[u](genes[u]) for u in ("tumor", "tme")}
+        logits = self.head(f["tumor"], f["tme"])
+        out = ModelOutput(logits=logits, per_magnification_logits={m: logits for m in present},
+                          attention={m: {} for m in present}, features={m: dict(f) for m in present})
+        return out.fill_derived(self.head.describe(logits))

@@ -12,7 +12,7 @@ from torch import nn
 from napari_dismm.errors import ModelConfigError
 from napari_dismm.model.config import dataclass_from_dict
 
-KINDS: tuple[str, ...] = ("teacher", "student", "abmil", "late_fusion", "mirror")
+KINDS: tuple[str, ...] = ("teacher", "student", "abmil", "late_fusion", "genes_only", "mirror")
 
 
 def _classes(kind: str) -> tuple[type, type]:
@@ -34,6 +34,10 @@ def _classes(kind: str) -> tuple[type, type]:
             from napari_dismm.model.baselines import LateFusion, LateFusionConfig
 
             return LateFusionConfig, LateFusion
+        case "genes_only":
+            from napari_dismm.model.baselines import GenesOnly, GenesOnlyConfig
+
+            return GenesOnlyConfig, GenesOnly
         case "mirror":
             from napari_dismm.model.mirror import Mirror, MirrorConfig
 

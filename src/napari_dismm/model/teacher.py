@@ -5,6 +5,18 @@ Per magnification: patch embedding, each token mixed with its lattice neighbourh
 subspace) gives the tumor and TME slide features and their per-patch attention; the
 SubspaceFusionHead turns the pair into logits. The gene encoders (SNNs) are shared by the
 magnifications; the magnifications' logits are combined (max confidence by default).
+
+Genes in the prediction (``gene_residual``, as the reference keeps a residual of the gene
+embedding): each subspace feature is the attention-pooled slide feature plus its gene
+embedding, so the head reads the expression too. A teacher whose genes only choose where to
+look lost to late fusion and to expression alone (0.76 vs 0.98 AUC, issue 13). What keeps
+the maps meaningful once the head can read the genes: a second head per magnification on
+the slide features alone (``slide_head``), trained on the task beside the fused one, so the
+attention must still find the patches that carry the label; and ``gene_dropout``, which
+drops a sample's gene embedding in training (from the query and the residual) so the fused
+head cannot lean on the genes alone. With ``base_query`` each subspace has a learned query of
+its own to which the gene embedding is added: where the expression says nothing about the
+slide, the attention still has a query that does not vary at random from patient to patient.
 """
 
 from __future__ import annotations
@@ -56,6 +68,10 @@ class TeacherConfig:
     patch_size_10x_level0: float = 448.0
     subspace_split: bool = True
     spatial_context: float = 0.5
+    gene_residual: bool = True
+    slide_head: bool = True
+    gene_dropout: float = 0.5
+    base_query: bool = True
 
     def __post_init__(self) -> None:
         validate_common(self)
@@ -65,6 +81,8 @@ class TeacherConfig:
             raise ModelConfigError(f"dev_form must be one of {', '.join(DEV_FORMS)}, got {self.dev_form!r}")
         if self.patch_size_10x_level0 <= 0:
             raise ModelConfigError(f"patch_size_10x_level0 must be > 0, got {self.patch_size_10x_level0}")
+        if not 0 <= self.gene_dropout < 1:
+            raise ModelConfigError(f"gene_dropout must be in [0, 1), got {self.gene_dropout}")
         if not 0 <= self.spatial_context <= 1:
             raise ModelConfigError(f"spatial_context must be in [0, 1], got {self.spatial_context}")
         if self.spatial_context:
@@ -108,6 +126,12 @@ class Teacher(nn.Module):
         self.fusion_heads = nn.ModuleDict(
             {m: SubspaceFusionHead(task=config.task, d=d, n_outputs=config.n_outputs) for m in config.magnifications}
         )
+        if config.base_query:
+            self.base_queries = nn.ParameterDict({u: nn.Parameter(torch.zeros(d)) for u in SUBSPACES})
+        if config.slide_head:
+            self.slide_heads = nn.ModuleDict(
+                {m: SubspaceFusionHead(task=config.task, d=d, n_outputs=config.n_outputs) for m in config.magnifications}
+            )
 
     def forward(
         self,
@@ -126,8 +150,10 @@ class Teacher(nn.Module):
         if cfg.spatial_context and (coords is None or any(m not in coords for m in present)):
             raise DataError("this teacher looks at each patch's neighbours (spatial_context > 0): "
                             "it needs the patch coordinates of every magnification")
-        queries = self._queries(genes)
-        logits, attention, features = {}, {}, {}
+        embedded = self._gene_dropout(self._queries(genes), batch)
+        residual = embedded if cfg.gene_residual else None
+        queries = {u: g + self.base_queries[u] for u, g in embedded.items()} if cfg.base_query else embedded
+        logits, attention, features, extras = {}, {}, {}, {}
         for mag in present:
             tokens = self.embed[mag](bags[mag])
             mask = mask_for(masks, mag)
@@ -135,14 +161,27 @@ class Teacher(nn.Module):
                 step = cfg.patch_size_10x_level0 * 10.0 / magnification_number(mag)
                 tokens = with_context(tokens, coords[mag], mask, step=step, weight=cfg.spatial_context)
             attention[mag], features[mag] = {}, {}
+            slide = {}
             for u in SUBSPACES:
-                features[mag][u], attention[mag][u] = self.dmf[mag][u](queries[u], tokens, mask)
+                slide[u], attention[mag][u] = self.dmf[mag][u](queries[u], tokens, mask)
+                features[mag][u] = slide[u] if residual is None else slide[u] + residual[u]
             logits[mag] = self.fusion_heads[mag](features[mag]["tumor"], features[mag]["tme"])
+            if cfg.slide_head:
+                extras[f"slide_logits.{mag}"] = self.slide_heads[mag](slide["tumor"], slide["tme"])
         combined = combine_magnifications(logits, task=cfg.task, how=cfg.combine)
         output = ModelOutput(
-            logits=combined, per_magnification_logits=logits, attention=attention, features=features
+            logits=combined, per_magnification_logits=logits, attention=attention, features=features, extras=extras
         )
         return output.fill_derived(self.fusion_heads[present[0]].describe(combined))
+
+    def _gene_dropout(self, queries: dict[str, Tensor], batch: int) -> dict[str, Tensor]:
+        """In training a sample's gene embeddings are dropped together with probability
+        ``gene_dropout`` (not rescaled: at inference the model always sees them)."""
+        p = self.config.gene_dropout
+        if not (self.training and p > 0):
+            return queries
+        keep = (torch.rand(batch, 1, device=queries["tumor"].device) >= p).to(queries["tumor"].dtype)
+        return {u: q * keep for u, q in queries.items()}
 
     def _queries(self, genes: dict[str, Tensor]) -> dict[str, Tensor]:
         """Per subspace, the gene embedding that queries the patches."""
