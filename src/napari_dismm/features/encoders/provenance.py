@@ -39,15 +39,17 @@ def check_same_encoder(
     got_hash: str | None = None,
     expected_preprocessing: str | None = None,
     got_preprocessing: str | None = None,
+    expects: str | None = None,
 ) -> None:
     """Raise ModelConfigError (one line) unless ``got`` comes from the expected encoder.
 
     ``where`` is the subject of the sentence, e.g. ``"feature file a.h5 has"``. Old names
-    (``vit-large-16``) count as their recipe (``uni``)."""
+    (``vit-large-16``) count as their recipe (``uni``). ``expects`` replaces the
+    sentence's opening ("model expects uni features")."""
     want = canonical_name(expected)
-    expects = f"model expects {want} features"
+    expects = expects or f"model expects {want} features"
     if got and canonical_name(got) != want:
-        raise ModelConfigError(f"{expects} but {where} {canonical_name(got)} features")
+        raise ModelConfigError(f"{expects} but {where} {got} features")
     if expected_hash and got_hash and got_hash != expected_hash:
         raise ModelConfigError(
             f"{expects} from weights {expected_hash[:12]} but {where} features of weights {got_hash[:12]}"
