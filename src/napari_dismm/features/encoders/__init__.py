@@ -68,7 +68,7 @@ def encoder_from_recipe(
             model = build_model(recipe)
         weights_hash = RANDOM_WEIGHTS_HASH
     else:
-        model = build_model(recipe)
+        model = build_model(recipe, empty=True)  # every tensor comes from the checked file
         weights_hash = load_recipe_weights(recipe, model, weights)
     dev = resolve_device(device)
     return Encoder(

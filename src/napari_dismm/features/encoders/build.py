@@ -70,11 +70,20 @@ except ImportError:  # pragma: no cover - older timm layouts
     _FEATURE_NETS = ()
 
 
-def build_model(recipe: Recipe, *, device: str | torch.device | None = None) -> PatchModel:
+def build_model(recipe: Recipe, *, device: str | torch.device | None = None, empty: bool = False) -> PatchModel:
     """The recipe's network, randomly initialised (timm's init), on ``device`` (``"meta"``
-    builds only the shapes: the full key layout of a 1.1 B-parameter model in milliseconds)."""
+    builds only the shapes: the full key layout of a 1.1 B-parameter model in milliseconds).
+
+    ``empty=True`` skips the initialisation (tens of seconds for the giants on a CPU) for a
+    model whose every parameter and buffer is about to be loaded from a file; networks
+    with buffers that no file carries are initialised all the same."""
     import timm
 
+    if empty:
+        model = build_model(recipe, device="meta")
+        saved = set(model.state_dict())
+        if all(name in saved for name, _ in model.named_buffers()):
+            return model.to_empty(device=device or "cpu").eval()
     with torch.device(device) if device is not None else nullcontext():
         trunk = timm.create_model(recipe.arch, pretrained=False, **timm_kwargs(recipe))
     return PatchModel(trunk, output=recipe.output).eval()

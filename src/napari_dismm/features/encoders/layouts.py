@@ -61,6 +61,23 @@ _LITE0_IR = {"_expand_conv.": "conv_pw.", "_bn0.": "bn1.", "_depthwise_conv.": "
              "_project_conv.": "conv_pwl.", "_bn2.": "bn3."}
 
 
+def detect_layout(state: Mapping[str, torch.Tensor]) -> str:
+    """Which published layout a state dict is in (wrapper prefixes allowed)."""
+    hf = strip_prefixes(dict(state), anchors=HF_ANCHORS)
+    if any(k.startswith("encoder.layer.") for k in hf):
+        return "hf-vit" if any(".layernorm_before." in k for k in hf) else "hf-dinov2"
+    cnn = strip_prefixes(dict(state), anchors=LITE0_WHEEL_ANCHORS + LITE0_TIMM_ANCHORS + RESNET_ANCHORS)
+    if any(k.startswith(("_conv_stem.", "conv_stem.")) for k in cnn):
+        return "lite0-wheel"
+    if any(k.startswith("layer1.") for k in cnn):
+        return "resnet"
+    return "timm"
+
+
+LAYOUT_NAMES = {"timm": "timm", "hf-vit": "Hugging Face ViTModel", "hf-dinov2": "Hugging Face DINOv2",
+                "lite0-wheel": "EfficientNet-Lite0", "resnet": "ResNet"}
+
+
 def to_timm(layout: str, state: StateDict, *, expected: Mapping[str, torch.Tensor],
             drop: tuple[str, ...] = ()) -> StateDict:
     """``state`` (any wrapper prefix) in the names of the timm model whose (meta) state

@@ -20,7 +20,7 @@ import torch
 from napari_dismm.errors import ModelConfigError
 
 from .build import PatchModel, build_model
-from .layouts import to_timm
+from .layouts import LAYOUT_NAMES, detect_layout, to_timm
 from .recipes import RECIPES, Recipe
 from .weights import StateDict, file_sha256, fit_problems, load_checked, read_state_dict
 
@@ -61,16 +61,24 @@ def mapped_for(recipe: Recipe, state: StateDict) -> StateDict:
     return to_timm(recipe.layout, state, expected=expected_state(recipe), drop=recipe.drop)
 
 
+def recipe_problems(recipe: Recipe, state: StateDict, *, layout: str | None = None) -> list[str]:
+    """What keeps ``state`` (a published file's tensors) from being ``recipe``'s weights;
+    empty when it fits. A file in another layout never fits, even where renaming would
+    make its keys match (a timm ViT-B/16 is not Phikon's Hugging Face ViT-B/16)."""
+    layout = layout or detect_layout(state)
+    if layout != recipe.layout:
+        return [f"it is a {LAYOUT_NAMES[layout]} file, the recipe reads {LAYOUT_NAMES[recipe.layout]} files"]
+    try:
+        return fit_problems(expected_state(recipe), mapped_for(recipe, state))
+    except ModelConfigError as error:
+        return [str(error)]
+
+
 def fitting_recipes(state: StateDict, *, among: list[Recipe] | None = None) -> list[str]:
-    """Names of the recipes whose every key and shape ``state`` matches."""
-    names = []
-    for recipe in among if among is not None else list(RECIPES.values()):
-        try:
-            if not fit_problems(expected_state(recipe), mapped_for(recipe, state)):
-                names.append(recipe.name)
-        except ModelConfigError:
-            continue
-    return names
+    """Names of the recipes whose layout, every key and every shape ``state`` matches."""
+    layout = detect_layout(state)
+    candidates = among if among is not None else list(RECIPES.values())
+    return [r.name for r in candidates if r.layout == layout and not recipe_problems(r, state, layout=layout)]
 
 
 def load_recipe_weights(recipe: Recipe, model: PatchModel, path: str | Path) -> str:
@@ -79,8 +87,11 @@ def load_recipe_weights(recipe: Recipe, model: PatchModel, path: str | Path) -> 
     Raises ModelConfigError naming what does not fit, and the recipes the file fits instead."""
     file = weights_file(path)
     state = read_state_dict(file)
-    mapped = mapped_for(recipe, state)
-    problems = fit_problems(model.trunk.state_dict(), mapped)
+    layout = detect_layout(state)
+    problems = recipe_problems(recipe, state, layout=layout)
+    if not problems:
+        mapped = mapped_for(recipe, state)
+        problems = fit_problems(model.trunk.state_dict(), mapped)  # a reduced recipe's own network
     if problems:
         others = [n for n in fitting_recipes(state) if n != recipe.name]
         hint = (
