@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 from napari_dismm.errors import ModelConfigError
 from napari_dismm.features.encoders import get_encoder
+from tests.test_encoders_recipes import he_crops  # noqa: F401  (fixture)
 
 
 def torchvision_resnet50_state(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -151,5 +152,5 @@ def test_resnet18_is_refused_with_missing_keys(tmp_path):
 def test_a_vit_file_is_refused(tmp_path):
     state = {"patch_embed.proj.weight": torch.zeros(8, 3, 16, 16), "blocks.0.attn.qkv.weight": torch.zeros(24, 8)}
     save_file(state, str(tmp_path / "vit.safetensors"))
-    with pytest.raises(ModelConfigError, match="unexpected keys.*patch_embed"):
+    with pytest.raises(ModelConfigError, match=r"it is a timm ViT file \(keys .*patch_embed\.proj\.weight.*the recipe reads ResNet files"):
         get_encoder("resnet50-trunc", weights=tmp_path / "vit.safetensors")

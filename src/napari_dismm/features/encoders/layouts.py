@@ -74,7 +74,7 @@ def detect_layout(state: Mapping[str, torch.Tensor]) -> str:
     return "timm"
 
 
-LAYOUT_NAMES = {"timm": "timm", "hf-vit": "Hugging Face ViTModel", "hf-dinov2": "Hugging Face DINOv2",
+LAYOUT_NAMES = {"timm": "timm ViT", "hf-vit": "Hugging Face ViTModel", "hf-dinov2": "Hugging Face DINOv2",
                 "lite0-wheel": "EfficientNet-Lite0", "resnet": "ResNet"}
 
 

@@ -22,7 +22,7 @@ from napari_dismm.errors import ModelConfigError
 from .build import PatchModel, build_model
 from .layouts import LAYOUT_NAMES, detect_layout, to_timm
 from .recipes import RECIPES, Recipe
-from .weights import StateDict, file_sha256, fit_problems, load_checked, read_state_dict
+from .weights import StateDict, _preview, file_sha256, fit_problems, load_checked, read_state_dict
 
 #: weight files looked for, in this order, inside a published model folder
 FOLDER_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model_vision.bin", "model.pth", "model.pt")
@@ -67,7 +67,10 @@ def recipe_problems(recipe: Recipe, state: StateDict, *, layout: str | None = No
     make its keys match (a timm ViT-B/16 is not Phikon's Hugging Face ViT-B/16)."""
     layout = layout or detect_layout(state)
     if layout != recipe.layout:
-        return [f"it is a {LAYOUT_NAMES[layout]} file, the recipe reads {LAYOUT_NAMES[recipe.layout]} files"]
+        return [
+            f"it is a {LAYOUT_NAMES[layout]} file (keys {_preview(state)}), "
+            f"the recipe reads {LAYOUT_NAMES[recipe.layout]} files"
+        ]
     try:
         return fit_problems(expected_state(recipe), mapped_for(recipe, state))
     except ModelConfigError as error:
