@@ -7,12 +7,13 @@ For each recipe: patches/s at batch ``--batch`` (uint8 224 px patches -> feature
 whole `Encoder.encode` path, random weights: the architecture, not the values, sets the
 cost), the FLOPs of one patch (counted by torch's FlopCounterMode on the same network),
 and the encoder's achieved FLOP/s as a fraction of this machine's dense matmul FLOP/s
-(a 2048 x 2048 fp32 product, measured in the same run, right before the encoders).
+(a 2048 x 2048 fp32 product, measured again right before each encoder, so that both see
+the same load on a shared machine).
 
 The giants (ViT-g/14, ViT-H/14 and the ViT-Ls: 0.3-1.1 B parameters) run at a reduced
 depth by default (``--giant-depth`` blocks, same widths): patches/s is then that of the
-reduced network, and the fraction of matmul speed (what the architecture achieves per
-FLOP) is what carries over to full depth. ``--full`` builds them whole (minutes, GBs).
+reduced network; the fraction of matmul speed (what the architecture achieves per FLOP)
+is dominated by the blocks and so approximates the full model's. ``--full`` builds them whole (minutes, GBs).
 """
 
 from __future__ import annotations
@@ -64,10 +65,9 @@ def main() -> None:
     args = parser.parse_args()
 
     patches = np.random.default_rng(0).integers(0, 256, (args.batch, 224, 224, 3), dtype=np.uint8)
-    peak = matmul_flops()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
-          f"best of {args.repeats}; dense matmul {peak / 1e9:.1f} GFLOP/s")
-    print(f"{'encoder':<20}{'depth':>7}{'dim':>6}{'GFLOP/patch':>13}{'patches/s':>11}{'x matmul':>10}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, best of {args.repeats}")
+    print(f"{'encoder':<20}{'depth':>7}{'dim':>6}{'GFLOP/patch':>13}{'patches/s':>11}{'matmul GFLOP/s':>16}"
+          f"{'x matmul':>10}")
     for name in args.names:
         recipe = get_recipe(name)
         reduced = not args.full and name not in SMALL
@@ -76,10 +76,13 @@ def main() -> None:
         enc = encoder_from_recipe(recipe, allow_random=True)
         flops = flops_per_patch(enc.model, recipe.input_size)
         enc.encode(patches[:2])  # warm-up
+        peak = matmul_flops()
         seconds = _best_of(lambda: enc.encode(patches), args.repeats)
         rate = args.batch / seconds
-        depth = f"{recipe.depth}*" if reduced else str(recipe.depth or "-")
-        print(f"{name:<20}{depth:>7}{recipe.dim:>6}{flops / 1e9:>13.2f}{rate:>11.1f}{flops * rate / peak:>10.2f}")
+        blocks = len(enc.model.trunk.blocks) if recipe.output != "pool" else "-"
+        depth = f"{blocks}*" if reduced else str(blocks)
+        print(f"{name:<20}{depth:>7}{recipe.dim:>6}{flops / 1e9:>13.2f}{rate:>11.1f}{peak / 1e9:>16.1f}"
+              f"{flops * rate / peak:>10.2f}")
     if not args.full:
         print("* reduced depth (same widths): patches/s of the reduced network; the matmul fraction carries over")
 

@@ -99,6 +99,10 @@ CARDS: dict[str, Card] = {
     "kaiko-vitb16": Card("vit_base_patch16_224", dict(num_classes=0, dynamic_img_size=True), "cls", HALF, 768),
     "kaiko-vitl14": Card("vit_large_patch14_reg4_dinov2", dict(num_classes=0, dynamic_img_size=True, img_size=518),
                          "cls", HALF, 1024),
+    # CONCH v1.5 (TITAN's patch encoder): "trunk." = timm ViT-L/16 built at 224 and run at 448 with its
+    # position embeddings interpolated (DINO rule), an attentional pooler (1 query, 8 heads, 768-d), a LayerNorm
+    "conch-v1.5": Card("vit_large_patch16_224", dict(init_values=1.0, num_classes=0), "pooler", IMAGENET, 768,
+                       input_size=448, resize=448, layout="conch"),
     # Hugging Face layouts: (hidden, layers, heads, patch, registers, swiglu hidden or None, layer scale)
     "phikon": Card("hf-vit", dict(d=768, layers=12, heads=12, patch=16, regs=0, swiglu=None, ls=False), "cls",
                    IMAGENET, 768, layout="hf-vit"),
@@ -142,6 +146,51 @@ def _randomise(state: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch
             t = 0.3 * torch.randn(shape, generator=g)
         out[key] = t.contiguous()
     return out
+
+
+def conch_state(*, depth: int | None, device: str | None = None) -> dict[str, torch.Tensor]:
+    """CONCH v1.5's pytorch_model_vision.bin layout: trunk (timm names), pooler, final norm."""
+    trunk = _timm_reference(CARDS["conch-v1.5"], depth=depth, device="meta").state_dict()
+
+    def t(*shape):
+        return torch.empty(shape, device=device or "cpu")
+
+    s = {"trunk." + k: t(*v.shape) for k, v in trunk.items()}
+    p = "attn_pool_contrast."
+    s |= {p + "query": t(1, 768), p + "ln_q.weight": t(768), p + "ln_q.bias": t(768), p + "ln_k.weight": t(1024),
+          p + "ln_k.bias": t(1024), p + "to_q.weight": t(768, 768), p + "to_kv.weight": t(1536, 1024),
+          p + "to_out.weight": t(768, 768), "ln_contrast.weight": t(768), "ln_contrast.bias": t(768)}
+    return s
+
+
+def conch_reference(x: torch.Tensor, s: dict[str, torch.Tensor], *, depth: int) -> torch.Tensor:
+    """The published forward: patches + class token, position embeddings interpolated from
+    14 x 14 to the input's grid (bicubic, scale factor (grid + 0.1) / 14), timm's blocks,
+    then one learned query attending over all tokens, projected, LayerNorm."""
+    ref = _timm_reference(CARDS["conch-v1.5"], depth=depth)
+    ref.load_state_dict({k[len("trunk."):]: v for k, v in s.items() if k.startswith("trunk.")}, strict=True)
+    t = F.conv2d(x, s["trunk.patch_embed.proj.weight"], s["trunk.patch_embed.proj.bias"], stride=16)
+    grid = t.shape[-1]
+    t = torch.cat([s["trunk.cls_token"].expand(len(x), -1, -1), t.flatten(2).transpose(1, 2)], 1)
+    pos = s["trunk.pos_embed"]
+    patch = pos[:, 1:].reshape(1, 14, 14, -1).permute(0, 3, 1, 2)
+    patch = F.interpolate(patch, scale_factor=((grid + 0.1) / 14, (grid + 0.1) / 14), mode="bicubic")
+    t = t + torch.cat([pos[:, :1], patch.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)], 1)
+    for block in ref.blocks:
+        t = block(t)
+    t = ref.norm(t)
+    p = "attn_pool_contrast."
+    k_in = F.layer_norm(t, (1024,), s[p + "ln_k.weight"], s[p + "ln_k.bias"])
+    q = F.layer_norm(s[p + "query"], (768,), s[p + "ln_q.weight"], s[p + "ln_q.bias"]) @ s[p + "to_q.weight"].T
+    k, v = (k_in @ s[p + "to_kv.weight"].T).chunk(2, dim=-1)
+    heads = []
+    for j in range(8):
+        sl = slice(96 * j, 96 * (j + 1))
+        sim = q[:, sl] @ k[..., sl].transpose(1, 2) / math.sqrt(96)
+        sim = sim - sim.amax(dim=-1, keepdim=True)
+        heads.append(sim.softmax(-1) @ v[..., sl])
+    pooled = torch.cat(heads, -1)[:, 0] @ s[p + "to_out.weight"].T
+    return F.layer_norm(pooled, (768,), s["ln_contrast.weight"], s["ln_contrast.bias"])
 
 
 def _apply_rule(tokens: torch.Tensor, rule: str, n_prefix: int) -> torch.Tensor:
@@ -266,10 +315,12 @@ def test_full_size_layout_and_dimension_on_the_meta_device(name):
         return
     if card.layout == "timm":
         published = _timm_reference(card, depth=None, device="meta").state_dict()
+    elif card.layout == "conch":
+        published = conch_state(depth=None, device="meta")
     else:
         grid = 224 // card.kwargs["patch"]
         published = hf_state(card, layers=card.kwargs["layers"], grid=grid, device="meta")
-    assert fit_problems(model.trunk.state_dict(), mapped_for(recipe, published)) == []
+    assert fit_problems(model.loadable.state_dict(), mapped_for(recipe, published)) == []
 
 
 # ---------------------------------------------------------------- numerical equality
@@ -284,6 +335,8 @@ def test_features_equal_the_reference_build(tmp_path, he_crops, name):
         ref = _timm_reference(card, depth=depth)
         state = _randomise(ref.state_dict())
         ref.load_state_dict(state, strict=True)
+    elif card.layout == "conch":
+        state = _randomise(conch_state(depth=depth))
     else:
         state = _randomise(hf_state(card, layers=depth, grid=224 // card.kwargs["patch"]))
     path = tmp_path / "model.safetensors"
@@ -294,6 +347,8 @@ def test_features_equal_the_reference_build(tmp_path, he_crops, name):
     with torch.no_grad():
         if card.layout == "timm":
             expected = _apply_rule(ref.forward_features(x), card.output, ref.num_prefix_tokens)
+        elif card.layout == "conch":
+            expected = conch_reference(x, state, depth=depth)
         else:
             expected = hf_reference(x, state, card, layers=depth)
     assert got.shape == (len(he_crops), card.dim) == expected.shape

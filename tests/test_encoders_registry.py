@@ -235,3 +235,16 @@ def test_strip_prefixes_keeps_the_backbone_and_leaves_wrapper_heads():
 
 def test_package_exports():
     assert set(encoders.__all__) >= {"get_encoder", "list_encoders", "Encoder", "UnknownEncoderError"}
+
+
+def test_each_recipe_has_its_gpu_precision(monkeypatch):
+    """Autocast dtype on CUDA comes from the recipe (TRIDENT's published choices); bf16 falls
+    back to fp16 on GPUs without it; the CPU always runs fp32."""
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    wanted = {name: precision_for(cuda, RECIPES[name].precision) for name in RECIPES}
+    assert wanted["uni2-h"] == torch.bfloat16 and wanted["uni"] == torch.float16
+    assert wanted["virchow2"] == torch.float16 and wanted["phikon"] == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert precision_for(cuda, RECIPES["uni2-h"].precision) == torch.float16
+    assert all(precision_for(torch.device("cpu"), r.precision) == torch.float32 for r in RECIPES.values())

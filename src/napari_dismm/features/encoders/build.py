@@ -36,13 +36,24 @@ def timm_kwargs(recipe: Recipe) -> dict[str, Any]:
 
 
 class PatchModel(nn.Module):
-    """A timm network (``trunk``) plus the recipe's output rule: (B, 3, S, S) -> (B, dim)."""
+    """A timm network (``trunk``) plus the recipe's output rule: (B, 3, S, S) -> (B, dim).
 
-    def __init__(self, trunk: nn.Module, *, output: str) -> None:
+    ``pooler`` (output ``"pooler"``, CONCH v1.5): an attentional pooler and a LayerNorm
+    over the trunk's tokens; these are weights too, so `loadable` is then the whole model."""
+
+    def __init__(self, trunk: nn.Module, *, output: str, pooler: nn.Module | None = None,
+                 pool_norm: nn.Module | None = None) -> None:
         super().__init__()
         self.trunk = trunk
         self.output = output
+        self.pooler = pooler
+        self.pool_norm = pool_norm
         self.num_prefix_tokens = int(getattr(trunk, "num_prefix_tokens", 0))
+
+    @property
+    def loadable(self) -> nn.Module:
+        """The module a weight file is loaded into (its keys are this module's keys)."""
+        return self.trunk if self.pooler is None else self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.output == "pool":
@@ -51,6 +62,8 @@ class PatchModel(nn.Module):
                 maps = maps[-1]
             return maps.mean(dim=(-2, -1))
         tokens = self.trunk.forward_features(x)  # after the final norm
+        if self.output == "pooler":
+            return self.pool_norm(self.pooler(tokens)[:, 0])
         cls = tokens[:, 0]
         if self.output == "cls":
             return cls
@@ -86,5 +99,10 @@ def build_model(recipe: Recipe, *, device: str | torch.device | None = None, emp
             return model.to_empty(device=device or "cpu").eval()
     with torch.device(device) if device is not None else nullcontext():
         trunk = timm.create_model(recipe.arch, pretrained=False, **timm_kwargs(recipe))
-    return PatchModel(trunk, output=recipe.output).eval()
+        if recipe.output != "pooler":
+            return PatchModel(trunk, output=recipe.output).eval()
+        from .pooler import AttentionalPooler
+
+        pooler = AttentionalPooler(d_model=recipe.dim, context_dim=trunk.embed_dim, heads=recipe.pooler_heads)
+        return PatchModel(trunk, output=recipe.output, pooler=pooler, pool_norm=nn.LayerNorm(recipe.dim)).eval()
 

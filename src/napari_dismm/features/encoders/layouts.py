@@ -16,6 +16,7 @@ import re
 from collections.abc import Mapping
 
 import torch
+import torch.nn.functional as F
 
 from napari_dismm.errors import ModelConfigError
 
@@ -26,6 +27,7 @@ HF_ANCHORS = ("embeddings.", "encoder.layer.")
 RESNET_ANCHORS = ("conv1.", "bn1.", "layer1.")
 LITE0_WHEEL_ANCHORS = ("_conv_stem.", "_blocks.")
 LITE0_TIMM_ANCHORS = ("conv_stem.", "blocks.")
+CONCH_ANCHORS = ("trunk.", "attn_pool_contrast.")
 
 _HF_VIT_RENAMES: tuple[tuple[str, str], ...] = (
     (r"^embeddings\.cls_token$", "cls_token"),
@@ -63,6 +65,8 @@ _LITE0_IR = {"_expand_conv.": "conv_pw.", "_bn0.": "bn1.", "_depthwise_conv.": "
 
 def detect_layout(state: Mapping[str, torch.Tensor]) -> str:
     """Which published layout a state dict is in (wrapper prefixes allowed)."""
+    if any(k.startswith("attn_pool_contrast.") for k in strip_prefixes(dict(state), anchors=CONCH_ANCHORS)):
+        return "conch"
     hf = strip_prefixes(dict(state), anchors=HF_ANCHORS)
     if any(k.startswith("encoder.layer.") for k in hf):
         return "hf-vit" if any(".layernorm_before." in k for k in hf) else "hf-dinov2"
@@ -75,7 +79,8 @@ def detect_layout(state: Mapping[str, torch.Tensor]) -> str:
 
 
 LAYOUT_NAMES = {"timm": "timm ViT", "hf-vit": "Hugging Face ViTModel", "hf-dinov2": "Hugging Face DINOv2",
-                "lite0-wheel": "EfficientNet-Lite0", "resnet": "ResNet"}
+                "lite0-wheel": "EfficientNet-Lite0", "resnet": "ResNet",
+                "conch": "CONCH vision tower"}
 
 
 def to_timm(layout: str, state: StateDict, *, expected: Mapping[str, torch.Tensor],
@@ -92,6 +97,8 @@ def to_timm(layout: str, state: StateDict, *, expected: Mapping[str, torch.Tenso
         out = found if any(k.startswith(LITE0_TIMM_ANCHORS) for k in found) else _from_lite0_wheel(found)
     elif layout == "resnet":
         out = strip_prefixes(state, anchors=RESNET_ANCHORS)
+    elif layout == "conch":
+        out = _from_conch(strip_prefixes(state, anchors=CONCH_ANCHORS), expected)
     else:
         out = strip_prefixes(state, anchors=TIMM_VIT_ANCHORS)
     out = {k: v for k, v in out.items() if not k.startswith(drop)}
@@ -157,6 +164,47 @@ def _resample_positions(state: StateDict, expected: Mapping[str, torch.Tensor]) 
         interpolation="bicubic", antialias=True, verbose=False,
     ).to(pos.dtype)
     return state
+
+
+def _from_conch(state: StateDict, expected: Mapping[str, torch.Tensor]) -> StateDict:
+    """CONCH v1.5's vision tower: ``trunk.`` is a timm-named ViT-L/16; its pooler and final
+    norm are renamed to ours. The position embeddings are stored for a 14 x 14 grid and, as
+    the published model does at every forward, interpolated to the 448 px input's grid:
+    bicubic by a scale factor of (grid + 0.1) / 14 (DINO's offset), the class position kept.
+    A file saved for another grid is first brought to 14 x 14 as the published loader does
+    (bilinear, no antialiasing)."""
+    out: StateDict = {}
+    for key, value in state.items():
+        if key.startswith("attn_pool_contrast."):
+            out["pooler." + key[len("attn_pool_contrast."):]] = value
+        elif key.startswith("ln_contrast."):
+            out["pool_norm." + key[len("ln_contrast."):]] = value
+        else:
+            out[key] = value
+    pos, want = out.get("trunk.pos_embed"), expected.get("trunk.pos_embed")
+    if pos is None or want is None or pos.ndim != 3 or pos.shape[1] == want.shape[1]:
+        return out
+    grid_file, grid_want = round((pos.shape[1] - 1) ** 0.5), round((want.shape[1] - 1) ** 0.5)
+    if grid_file**2 != pos.shape[1] - 1 or grid_want**2 != want.shape[1] - 1:
+        return out  # not square: the fit check names the shape
+    stored = CONCH_STORED_GRID
+    if grid_file != stored:
+        from timm.layers import resample_abs_pos_embed
+
+        pos = resample_abs_pos_embed(pos.float(), new_size=[stored, stored], num_prefix_tokens=1,
+                                     interpolation="bilinear", antialias=False)
+    patch = pos[:, 1:].float().reshape(1, stored, stored, -1).permute(0, 3, 1, 2)
+    scale = (grid_want + 0.1) / stored
+    patch = F.interpolate(patch, scale_factor=(scale, scale), mode="bicubic")
+    if tuple(patch.shape[-2:]) != (grid_want, grid_want):
+        return out
+    patch = patch.permute(0, 2, 3, 1).reshape(1, grid_want * grid_want, -1)
+    out["trunk.pos_embed"] = torch.cat([pos[:, :1].float(), patch], dim=1).to(pos.dtype)
+    return out
+
+
+#: the grid CONCH v1.5's ViT keeps its position embeddings for (224 px / 16)
+CONCH_STORED_GRID = 14
 
 
 def _from_lite0_wheel(state: StateDict) -> StateDict:

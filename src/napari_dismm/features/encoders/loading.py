@@ -47,13 +47,13 @@ def weights_file(path: str | Path) -> Path:
 
 def expected_state(recipe: Recipe) -> dict[str, torch.Tensor]:
     """Key -> meta tensor of the recipe's trunk (shapes only; cached per recipe)."""
-    key = (recipe.arch, repr(sorted(recipe.kwargs.items())))
+    key = (recipe.arch, recipe.output, repr(sorted(recipe.kwargs.items())))
     if key not in _EXPECTED:
-        _EXPECTED[key] = dict(build_model(recipe, device="meta").trunk.state_dict())
+        _EXPECTED[key] = dict(build_model(recipe, device="meta").loadable.state_dict())
     return _EXPECTED[key]
 
 
-_EXPECTED: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+_EXPECTED: dict[tuple[str, str, str], dict[str, torch.Tensor]] = {}
 
 
 def mapped_for(recipe: Recipe, state: StateDict) -> StateDict:
@@ -94,7 +94,7 @@ def load_recipe_weights(recipe: Recipe, model: PatchModel, path: str | Path) -> 
     problems = recipe_problems(recipe, state, layout=layout)
     if not problems:
         mapped = mapped_for(recipe, state)
-        problems = fit_problems(model.trunk.state_dict(), mapped)  # a reduced recipe's own network
+        problems = fit_problems(model.loadable.state_dict(), mapped)  # a reduced recipe's own network
     if problems:
         others = [n for n in fitting_recipes(state) if n != recipe.name]
         hint = (
@@ -102,7 +102,7 @@ def load_recipe_weights(recipe: Recipe, model: PatchModel, path: str | Path) -> 
             else "; it fits no known recipe"
         )
         raise ModelConfigError(f"{file.name} does not fit recipe {recipe.name!r}: " + "; ".join(problems) + hint)
-    load_checked(model.trunk, mapped, source=file.name)
+    load_checked(model.loadable, mapped, source=file.name)
     return hash_once(file)
 
 

@@ -28,8 +28,8 @@ HOPTIMUS_STD: tuple[float, float, float] = (0.211883, 0.230117, 0.177517)
 HIBOU_MEAN: tuple[float, float, float] = (0.7068, 0.5755, 0.722)
 HIBOU_STD: tuple[float, float, float] = (0.195, 0.2316, 0.1816)
 
-Layout = Literal["timm", "hf-vit", "hf-dinov2", "lite0-wheel", "resnet"]
-Output = Literal["cls", "cls+mean", "pool"]
+Layout = Literal["timm", "hf-vit", "hf-dinov2", "lite0-wheel", "resnet", "conch"]
+Output = Literal["cls", "cls+mean", "pool", "pooler"]
 Precision = Literal["fp32", "fp16", "bf16"]
 
 
@@ -51,7 +51,8 @@ class Recipe:
     """Key layout of the published weight file (mapped onto timm's names on loading)."""
     output: Output
     """``cls``: class token after the final norm; ``cls+mean``: that and the mean of the
-    patch tokens (registers excluded); ``pool``: global average of a CNN's last map."""
+    patch tokens (registers excluded); ``pool``: global average of a CNN's last map;
+    ``pooler``: an attentional pooler over all tokens, then a LayerNorm (CONCH v1.5)."""
     input_size: int = 224
     resize: int = 224
     """Shorter side after resizing, before the centre crop to ``input_size``."""
@@ -66,6 +67,8 @@ class Recipe:
     needs_weights: bool = True
     drop: tuple[str, ...] = field(default=())
     """Key prefixes of the published file that the feature model does not use."""
+    pooler_heads: int = 8
+    """Heads of the attentional pooler (output ``pooler`` only)."""
 
     @property
     def depth(self) -> int | None:
@@ -145,6 +148,13 @@ RECIPES: dict[str, Recipe] = {
              mean=HIBOU_MEAN, std=HIBOU_STD, drop=("embeddings.mask_token",),
              kwargs={"img_size": 224, "mlp_ratio": 5472 / 1024, **_SWIGLU},
              weights="huggingface.co/histai/hibou-L (model.safetensors or the folder, gated)", card="histai/hibou-L"),
+        Recipe(
+            name="conch-v1.5", dim=768, arch="vit_large_patch16_224", layout="conch", output="pooler",
+            kwargs={"img_size": 448, "patch_size": 16, "init_values": 1.0, "num_classes": 0, "global_pool": ""},
+            input_size=448, resize=448, precision="fp16",
+            weights="huggingface.co/MahmoodLab/conchv1_5 (pytorch_model_vision.bin, gated)",
+            card="MahmoodLab/conchv1_5 (TITAN's patch encoder): ViT-L/16 trunk at 448 px, attentional pooler",
+        ),
         _vit("kaiko-vitb16", 768, "vit_base_patch16_224", "timm", mean=HALF, std=HALF,
              kwargs={"img_size": 224, "dynamic_img_size": True},
              weights="kaiko-ai towards_large_pathology_fms ViT-B/16 (timm model.safetensors)",
