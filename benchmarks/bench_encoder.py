@@ -84,7 +84,8 @@ def main() -> None:
         print(f"{name:<20}{depth:>7}{recipe.dim:>6}{flops / 1e9:>13.2f}{rate:>11.1f}{peak / 1e9:>16.1f}"
               f"{flops * rate / peak:>10.2f}")
     if not args.full:
-        print("* reduced depth (same widths): patches/s of the reduced network; the matmul fraction approximates the full one")
+        print("* reduced depth (same widths): patches/s of the reduced network; "
+              "the matmul fraction approximates the full one")
 
 
 if __name__ == "__main__":
