@@ -95,3 +95,19 @@ def test_predict_refuses_a_model_of_other_features(tmp_path, extracted, capsys, 
     err = capsys.readouterr().err.strip()
     assert err.startswith("dismm: error: model expects") and "\n" not in err
     assert not (tmp_path / "bundle").exists()
+
+
+def test_predict_on_the_slide_with_the_encoder_weights(tmp_path, extracted, cmu_slide_path, kaiko_file, capsys):
+    """``dismm predict SLIDE --weights FILE``: the recipe's encoder is built from the file and the
+    features extracted above are found again by their content key (nothing re-encoded)."""
+    model = _model(tmp_path / "m", model_record(read_features(extracted)))
+    before = extracted.stat().st_mtime_ns
+    code = main(["predict", str(cmu_slide_path), "--model", str(model), "--out", str(tmp_path / "bundle"),
+                 "--weights", str(kaiko_file), "--features-dir", str(extracted.parents[2]), "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    assert (tmp_path / "bundle" / "prediction.json").is_file()
+    assert extracted.stat().st_mtime_ns == before
+    # without the weights the recipe refuses to run on random ones
+    assert main(["predict", str(cmu_slide_path), "--model", str(model), "--out", str(tmp_path / "b2"),
+                 "--features-dir", str(extracted.parents[2])]) == 2
+    assert "needs a local weight file" in capsys.readouterr().err
