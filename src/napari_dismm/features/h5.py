@@ -61,6 +61,8 @@ class FeatureFile:
     """Level-0 microns per pixel used for the grid."""
     encoder: str | None = None
     encoder_weights_hash: str | None = None
+    encoder_preprocessing: str | None = None
+    """The encoder's pixel pipeline and output rule (``Encoder.preprocessing``)."""
     slide_id: str | None = None
     """Slide quickhash (content hash, not the file name)."""
     tissue_params: dict[str, Any] | None = None
@@ -163,6 +165,7 @@ def _write_into(h5: h5py.File, ff: FeatureFile) -> None:
     _set(root, "slide_id", ff.slide_id)
     _set(root, "encoder", ff.encoder)
     _set(root, "encoder_weights_hash", ff.encoder_weights_hash)
+    _set(root, "encoder_preprocessing", ff.encoder_preprocessing)
     _set(root, "mpp", ff.mpp)
     if ff.tissue_params is not None:
         root["tissue_params"] = json.dumps(ff.tissue_params, sort_keys=True)
@@ -283,6 +286,7 @@ def _interpret(
         mpp=_float_or_none(r_attrs.get("mpp", c_attrs.get("mpp"))),
         encoder=_str_or_none(f_attrs.get("encoder", r_attrs.get("encoder"))),
         encoder_weights_hash=_str_or_none(r_attrs.get("encoder_weights_hash")),
+        encoder_preprocessing=_str_or_none(r_attrs.get("encoder_preprocessing")),
         slide_id=_str_or_none(r_attrs.get("slide_id")),
         tissue_params=json.loads(tissue) if isinstance(tissue, str) else None,
         min_tissue=_float_or_none(r_attrs.get("min_tissue")),

