@@ -248,3 +248,16 @@ def test_each_recipe_has_its_gpu_precision(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert precision_for(cuda, RECIPES["uni2-h"].precision) == torch.float16
     assert all(precision_for(torch.device("cpu"), r.precision) == torch.float32 for r in RECIPES.values())
+
+
+def test_batches_are_sized_for_the_device():
+    """On a GPU the batch follows the free memory and the recipe's cost per patch; an
+    explicit size always wins; the CPU keeps its fixed batch."""
+    import torch
+
+    from napari_dismm.features.encoders.base import CPU_BATCH, Encoder, fit_batch
+
+    assert fit_batch(10e6, 16e9) == 960 and fit_batch(200e6, 16e9) == 48
+    assert fit_batch(1e9, 4e9) == 8 and fit_batch(1e3, 80e9) == 1024
+    enc = Encoder(name="x", model=torch.nn.Identity(), dim=3, weights_hash="h")
+    assert enc.batch_size(None) == CPU_BATCH and enc.batch_size(5) == 5

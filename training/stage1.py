@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from napari_dismm.features.encoders.provenance import model_record
 from napari_dismm.features.h5 import read_features
 from napari_dismm.model.cgc import CGCStep
 from napari_dismm.model.losses import class_weights_from_labels, dev_loss_from_output, task_loss
@@ -48,7 +49,7 @@ class FoldSetup:
     d_in: int
     patch_size: int | None
     patch_size_10x_level0: float
-    encoder: str | None
+    encoder: dict[str, Any]
     class_weights: Tensor | None
 
     @property
@@ -67,7 +68,7 @@ class FoldSetup:
         extra: dict[str, Any] = {
             "trained_for": self.task,
             "model_name": name,
-            "encoder": self.encoder,
+            **self.encoder,
             "magnifications": list(self.cohort.magnifications),
             "patch_size": self.patch_size,
             "patch_size_10x_level0": self.patch_size_10x_level0,
@@ -82,8 +83,9 @@ class FoldSetup:
         return extra
 
 
-def _patch_info(cohort: Cohort, patients: tuple[str, ...]) -> tuple[int, int | None, float, str | None]:
-    """(d_in, patch size, 10x patch footprint in level-0 px, encoder) from one training slide."""
+def _patch_info(cohort: Cohort, patients: tuple[str, ...]) -> tuple[int, int | None, float, dict[str, Any]]:
+    """(d_in, patch size, 10x patch footprint in level-0 px, encoder record: recipe, weights
+    hash and pixel pipeline, which ``dismm predict`` checks) from one training slide."""
     slide = cohort.slides_of(patients)[0]
     first = read_features(slide.features[cohort.magnifications[0]])
     mag10 = "10x" if "10x" in cohort.magnifications else cohort.magnifications[0]
@@ -92,7 +94,7 @@ def _patch_info(cohort: Cohort, patients: tuple[str, ...]) -> tuple[int, int | N
     if size is None:  # no attribute: the lattice step of the coordinates
         steps = np.diff(np.unique(ff.coords[:, 0]))
         size = int(steps[steps > 0].min()) if (steps > 0).any() else 448
-    return first.dim, first.patch_size, float(size), first.encoder
+    return first.dim, first.patch_size, float(size), model_record(first)
 
 
 def prepare_fold(

@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--scheduler", default=None, help="dask distributed scheduler address (default: this machine)")
     extract.add_argument("--mpp", type=float, default=None, help="override microns per pixel at level 0")
     extract.add_argument("--min-tissue", type=float, default=0.25, help="minimum tissue fraction of a patch")
-    extract.add_argument("--batch-size", type=int, default=64)
+    extract.add_argument("--batch-size", type=int, default=None,
+                         help="patches per batch (default: 64 on the CPU, sized to the free memory of a GPU)")
     extract.add_argument("--workers", type=int, default=2, help="reader threads per slide")
     extract.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 

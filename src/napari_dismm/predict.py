@@ -191,7 +191,8 @@ def predict_slide(
         for mag in spec.magnifications:
             key = cache_key(slide_id=info.slide_id, slide_mpp=mpp0, encoder=enc.name, weights_hash=enc.weights_hash,
                             magnification=_mag_value(mag), patch_size=spec.patch_size, overlap=0,
-                            tissue_params=params, min_tissue=0.25)
+                            tissue_params=params, min_tissue=0.25,
+                            preprocessing=getattr(enc, "preprocessing", None))
             path = feature_path(feat_root, encoder=enc.name, magnification=_mag_value(mag), slide_stem=slide_path.stem)
             if not cached(path, key):
                 todo += len(make_grid(slide, target_mpp=magnification_to_mpp(_mag_value(mag)),

@@ -48,11 +48,11 @@ def held_out_map_auroc(files, run: Path, model_name: str, task: str) -> dict[str
 
 
 def run_regime(out: Path, *, regime: str, seed: int, models: list[str], config: dict, task: str = "classification",
-               n_patients: int = 64, maps: bool = True) -> dict[str, dict[str, float]]:
-    """Train ``models`` on one regime and seed; per model: held-out metric (and map AUROCs)."""
-    files = write_synthetic_cohort(out / "cohort", config=regime_config(regime, task=task, n_patients=n_patients,
-                                                                         seed=seed),
-                                   n_tumor_genes=16, n_tme_genes=16)
+               n_patients: int = 64, maps: bool = True, **overrides: object) -> dict[str, dict[str, float]]:
+    """Train ``models`` on one regime and seed; per model: held-out metric (and map AUROCs).
+    ``overrides`` change the regime's cohort settings (``training.synth.regime_config``)."""
+    cohort = regime_config(regime, task=task, n_patients=n_patients, seed=seed, **overrides)
+    files = write_synthetic_cohort(out / "cohort", config=cohort, n_tumor_genes=16, n_tme_genes=16)
     summary = run_training(cohort_csv=files.csv, expression=files.expression, gene_sets=files.gmt, task=task,
                            out=out / "run", config=config_from_dict(config), models=models, log=None)
     metric = main_metric(task)

@@ -7,7 +7,7 @@ Layout: ``OUT/<encoder>/<magnification>/<slide stem>.h5`` (e.g. ``OUT/efficientn
 Reuse is content-addressed: the key is the sha256 of a canonical JSON of everything the
 features depend on (slide quickhash and level-0 mpp, encoder name and weights hash,
 magnification, patch size, overlap, tissue parameters, minimum tissue fraction, format
-version). It is stored as the file's ``cache_key`` attribute; a file whose key matches is
+version, and the encoder's pixel pipeline when it has one). It is stored as the file's ``cache_key`` attribute; a file whose key matches is
 finished work, anything else (other tissue parameters, other weights, a replaced slide
 under the same name) is recomputed and atomically replaced.
 """
@@ -65,8 +65,12 @@ def cache_key(
     overlap: int,
     tissue_params: Any,
     min_tissue: float,
+    preprocessing: str | None = None,
 ) -> str:
-    """sha256 hex of the canonical description of one feature file's content."""
+    """sha256 hex of the canonical description of one feature file's content.
+
+    ``preprocessing`` (the encoder's pixel pipeline) enters only when given, so keys of
+    files written before it was recorded stay valid."""
     payload = {
         "format": FORMAT_VERSION,
         "slide_id": str(slide_id),
@@ -79,6 +83,8 @@ def cache_key(
         "tissue": tissue_params_dict(tissue_params),
         "min_tissue": float(min_tissue),
     }
+    if preprocessing is not None:
+        payload["preprocessing"] = str(preprocessing)
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 

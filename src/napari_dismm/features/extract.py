@@ -85,7 +85,7 @@ def extract_slide(
     overlap: int = 0,
     tissue_params: Any = None,
     min_tissue: float = 0.25,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     num_workers: int = 2,
     mpp: float | None = None,
     device: str = "auto",
@@ -107,9 +107,10 @@ def extract_slide(
     started = time.perf_counter()
     slide_path = Path(slide_path)
     mags = _unique_magnifications(magnifications)
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise DismmError(f"batch size must be >= 1, got {batch_size}")
     enc = resolve_encoder(encoder, weights=weights, device=device)
+    batch_size = enc.batch_size(batch_size)  # None: 64 on the CPU, sized to a GPU's free memory
     params = _tissue_params(tissue_params, TissueParams)
     with open_slide(slide_path, mpp=mpp) as slide:
         info = slide.info
@@ -120,7 +121,7 @@ def extract_slide(
             key = cache_key(
                 slide_id=info.slide_id, slide_mpp=mpp0, encoder=enc.name, weights_hash=enc.weights_hash,
                 magnification=mag, patch_size=patch_size, overlap=overlap, tissue_params=params,
-                min_tissue=min_tissue,
+                min_tissue=min_tissue, preprocessing=getattr(enc, "preprocessing", None),
             )
             path = feature_path(out_dir, encoder=enc.name, magnification=mag, slide_stem=slide_path.stem)
             plans.append((mag, key, path))

@@ -39,6 +39,16 @@ def precision_for(device: torch.device, wanted: str = "bf16") -> torch.dtype:
     return dtype
 
 
+CPU_BATCH = 64
+
+
+def fit_batch(per_patch_bytes: float, free_bytes: float, *, share: float = 0.6, lo: int = 8, hi: int = 1024) -> int:
+    """Patches per batch that use ``share`` of the free device memory, in [lo, hi]."""
+    if per_patch_bytes <= 0:
+        return hi
+    return int(min(hi, max(lo, share * free_bytes // per_patch_bytes)))
+
+
 @dataclass(eq=False)
 class Encoder:
     """A ready-to-run patch encoder (model in eval mode on `device`).
@@ -88,6 +98,23 @@ class Encoder:
             else:
                 out = self.model(x)
         return out.float().cpu()
+
+    def batch_size(self, requested: int | None = None) -> int:
+        """``requested`` if given; on the CPU 64; on a GPU as many patches as fit in 60 % of
+        its free memory, measured with one probe batch of 8 (what the recipe's activations
+        cost per patch at its precision)."""
+        if requested is not None:
+            return requested
+        if self.device.type != "cuda":
+            return CPU_BATCH
+        probe = np.zeros((8, self.input_size, self.input_size, 3), np.uint8)
+        torch.cuda.synchronize(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.encode(probe)
+        per_patch = (torch.cuda.max_memory_allocated(self.device) - base) / 8
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return fit_batch(per_patch, free)
 
     def __repr__(self) -> str:
         return (

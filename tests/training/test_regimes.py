@@ -1,0 +1,49 @@
+"""The teacher against single-modality models where only one modality carries the label
+(issue 13): it must read the genes where the slide says nothing, and the slide where the
+genes say nothing; and its predicted classes must follow its probabilities.
+
+Small cohorts with a clear signal, so the test is stable and cheap; what it catches is a
+teacher that cannot use one modality (the genes-only-query teacher sat at AUC 0.46 on the
+genes regime). The full comparison over regimes and seeds is ``training.recipes.regimes``."""
+
+from __future__ import annotations
+
+import pytest
+
+from training.recipes.regimes import run_regime
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+# the documented defaults, smaller and shorter: 48 patients, 3 folds
+CONFIG = {"model": {"d": 64}, "teacher": {"epochs": 20}, "baselines": {"epochs": 20}}
+CASES = {
+    # regime -> the single-modality model the teacher must match
+    "genes": "genes_only",
+    "slide": "abmil",
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def regime(request, tmp_path_factory):
+    name = request.param
+    rows = run_regime(tmp_path_factory.mktemp(f"regime_{name}"), regime=name, seed=5, n_patients=48,
+                      models=["teacher", CASES[name]], config=CONFIG, maps=False, label_from="tumor")
+    print(f"\n{name} regime: " + ", ".join(f"{m} AUC {r['auc']:.3f} accuracy {r['accuracy']:.3f}"
+                                           for m, r in rows.items()))
+    return name, rows
+
+
+@pytest.mark.slow
+def test_teacher_matches_the_modality_that_carries_the_label(regime):
+    name, rows = regime
+    assert rows["teacher"]["auc"] >= rows[CASES[name]]["auc"] - 0.02
+
+
+@pytest.mark.slow
+def test_predicted_classes_follow_the_probabilities(regime):
+    """Accuracy far above chance wherever AUC is high: 0.50 accuracy at 0.92 AUC (issue 13)
+    was a broken decision rule, not a weak model."""
+    _, rows = regime
+    for model, row in rows.items():
+        if row["auc"] >= 0.9:
+            assert row["accuracy"] >= 0.75, (model, row)
