@@ -73,9 +73,11 @@ def register_inspect(subparsers) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    from napari_dismm.cli import require_output_dir
     from napari_dismm.errors import DataError
     from training.inspect import headline, inspect_run
 
+    require_output_dir(args.out)
     if args.ig_steps < 1:
         raise DataError(f"--ig-steps must be >= 1, got {args.ig_steps}")
     summary = inspect_run(args.run_dir, cohort_csv=args.cohort, expression=args.expression, gene_sets=args.gene_sets,
@@ -92,10 +94,12 @@ def _inspect(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     import torch
 
+    from napari_dismm.cli import require_output_dir
     from napari_dismm.errors import DataError
     from training.ddp import distributed_from_env
     from training.run import format_table, run_training
 
+    require_output_dir(args.out)
     if args.threads is not None:
         if args.threads < 1:
             raise DataError(f"--threads must be >= 1, got {args.threads}")
@@ -120,9 +124,11 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
+    from napari_dismm.cli import require_output_dir
     from napari_dismm.errors import DataError
     from training.synth import planted_cohort_config, write_synthetic_cohort
 
+    require_output_dir(args.out)
     if args.patients < 8:
         raise DataError(f"--patients must be >= 8, got {args.patients}")
     files = write_synthetic_cohort(

@@ -108,6 +108,17 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def require_output_dir(path: Path, *, flag: str = "--out") -> Path:
+    """An output directory argument: refuse an existing file (or a file on its way) up front."""
+    for parent in (path, *path.parents):
+        if parent.exists() and not parent.is_dir():
+            what = "names an existing file" if parent == path else f"is inside {parent}, which is a file"
+            raise DismmError(f"{flag} {path} {what}; give a directory")
+        if parent.exists():
+            break
+    return path
+
+
 def _fail(error: Exception) -> int:
     message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     print(f"dismm: error: {message}", file=sys.stderr)
@@ -134,6 +145,7 @@ def _view(args: argparse.Namespace) -> int:
 def _extract(args: argparse.Namespace) -> int:
     from napari_dismm.features.cohort import extract_cohort
 
+    require_output_dir(args.out)
     summary = extract_cohort(
         inputs=args.inputs, out_dir=args.out, encoder=args.encoder, weights=args.weights,
         scheduler=args.scheduler, progress=True,
