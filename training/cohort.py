@@ -24,7 +24,8 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from napari_dismm.errors import DataError
+from napari_dismm.errors import DataError, FeatureFileError
+from napari_dismm.features.h5 import scan_features
 from napari_dismm.omics import ExpressionTable, GeneSets, load_gene_sets, load_omics, read_expression
 from napari_dismm.omics.expression import warn_report
 from napari_dismm.omics.patients import patient_id as to_patient_id
@@ -176,6 +177,38 @@ def _feature_paths(
     return out
 
 
+def check_feature_files(files: list[dict[str, Path]], frame: pd.DataFrame, path: Path) -> dict[str, int]:
+    """Every feature file readable, finite, with sane coordinates, at least one patch, and
+    one feature width per magnification; returns ``{magnification: D}``.
+
+    Why before anything else: a broken bag found mid-fold leaves a half-written run. When
+    widths disagree, the files of the minority width are the wrong ones and are named."""
+    widths: dict[str, dict[int, list[Path]]] = {}
+    for i, row in enumerate(files):
+        for mag, file in row.items():
+            try:
+                n, d = scan_features(file)
+            except FeatureFileError as error:
+                raise DataError(f"{path}: {_row_name(frame, i)}, features_{mag}: {error}") from None
+            if n == 0:
+                raise DataError(f"{path}: {_row_name(frame, i)}, features_{mag}: {file} has no patch (0 rows); "
+                                "re-extract it with a lower --min-tissue or leave the slide out")
+            widths.setdefault(mag, {}).setdefault(d, []).append(file)
+    dims = {}
+    for mag, by_width in widths.items():
+        ranked = sorted(by_width.items(), key=lambda kv: -len(kv[1]))
+        if len(ranked) > 1:
+            usual, usual_files = ranked[0]
+            if len(usual_files) == len(ranked[1][1]):
+                shown = ", ".join(f"{d}-d: {preview([str(f) for f in fs], 2)}" for d, fs in ranked)
+                raise DataError(f"{path}: the {mag} feature files disagree on the feature width ({shown})")
+            wrong = [(d, f) for d, fs in ranked[1:] for f in fs]
+            raise DataError(f"{path}: {len(wrong)} {mag} feature file(s) differ from the other "
+                            f"{len(usual_files)} ({usual}-d): {preview([f'{f} ({d}-d)' for d, f in wrong])}")
+        dims[mag] = ranked[0][0]
+    return dims
+
+
 def _one_value_per_patient(patients: list[str], values: list[object], what: str, path: Path) -> None:
     seen: dict[str, object] = {}
     conflicts: list[str] = []
@@ -273,6 +306,7 @@ def load_cohort(
         _one_value_per_patient(frame["patient_id"].tolist(), list(zip(times, events)), "time/event", path)
 
     files = _feature_paths(frame, path, base, magnifications)
+    check_feature_files(files, frame, path)
     sets, table = _omics(expression, gene_sets, log1p)
     if table is not None:
         known = set(table.patients)

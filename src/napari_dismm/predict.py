@@ -273,12 +273,13 @@ def _predict_from_files(model, spec: ModelSpec, files: dict[str, Path], *, genes
                         timings: dict[str, float], slide, contours) -> Prediction:
     import torch
 
-    from napari_dismm.features.h5 import read_features
+    from napari_dismm.features.h5 import check_geometry, read_features
 
     t0 = time.perf_counter()
     loaded = {}
     for mag, path in files.items():
         ff = read_features(path)
+        check_geometry(ff, where=f"feature file {Path(path).name}")
         check_features_match(spec, encoder=ff.encoder, dim=ff.dim, where=f"feature file {Path(path).name} has",
                              weights_hash=ff.encoder_weights_hash)
         loaded[mag] = ff

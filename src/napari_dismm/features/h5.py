@@ -208,6 +208,47 @@ def read_features(path: str | os.PathLike) -> FeatureFile:
     return _interpret(features, coords, c_attrs, f_attrs, r_attrs)
 
 
+def scan_features(path: str | os.PathLike, *, rows_per_read: int = 4096) -> tuple[int, int]:
+    """(N, D) of a feature file after every check ``read_features`` and ``check_geometry``
+    make, reading the features in blocks of rows so a cohort is checked in bounded memory.
+    Why: a training run must refuse a broken file before it writes anything, not when the
+    file's bag is first loaded mid-fold."""
+    path = Path(path)
+    if not path.is_file():
+        raise FeatureFileError(f"feature file not found: {path}")
+    try:
+        h5 = h5py.File(path, "r")
+    except OSError as error:
+        raise FeatureFileError(f"not a readable h5 feature file: {path} ({error})") from None
+    with h5:
+        for key in ("features", "coords"):
+            if key not in h5 or not isinstance(h5[key], h5py.Dataset):
+                found = ", ".join(sorted(h5.keys())) or "nothing"
+                raise FeatureFileError(f"{path}: no '{key}' dataset (found {found})")
+        data = h5["features"]
+        shape = data.shape[1:] if data.ndim == 3 and data.shape[0] == 1 else data.shape
+        if len(shape) != 2:
+            raise FeatureFileError(f"{path}: features must be (N, D), got shape {data.shape}")
+        if data.dtype.kind not in "fiu":
+            raise FeatureFileError(f"{path}: features must be numeric, got dtype {data.dtype}")
+        coords = _as_coords(h5["coords"][()], where=str(path))
+        n, d = int(shape[0]), int(shape[1])
+        if coords.shape[0] != n:
+            raise FeatureFileError(f"{path}: {n} feature rows but {coords.shape[0]} coordinates")
+        if data.dtype.kind == "f":
+            for start in range(0, n, rows_per_read):
+                block = data[0, start : start + rows_per_read] if data.ndim == 3 else data[start : start + rows_per_read]
+                finite = np.isfinite(block)
+                if not finite.all():
+                    raise FeatureFileError(f"{path}: feature row {start + int(np.flatnonzero(~finite.all(axis=1))[0])} "
+                                           "contains NaN or infinity")
+        c_attrs = _attrs(h5["coords"].attrs)
+    check_geometry(FeatureFile(np.zeros((n, 0), np.float32), coords,
+                               level0_width=_int_or_none(c_attrs.get("level0_width")),
+                               level0_height=_int_or_none(c_attrs.get("level0_height"))), where=str(path))
+    return n, d
+
+
 def read_coords(path: str | os.PathLike) -> np.ndarray:
     """Only the (N, 2) int64 coordinates (cheap: the features are not read)."""
     path = Path(path)
@@ -327,6 +368,30 @@ def _check_arrays(features: Any, coords: Any, *, where: str) -> tuple[np.ndarray
         bad = int((~np.isfinite(features)).any(axis=1).sum())
         raise FeatureFileError(f"{where}: {bad} feature rows contain NaN or infinity")
     return features, coords
+
+
+def check_geometry(ff: FeatureFile, *, where: str) -> None:
+    """Coordinates a slide can have: not negative, no patch twice, inside the recorded
+    level-0 size. A file that breaks these was not made by a tiler (or was edited), and a
+    bundle drawn from it would put attention where no patch was."""
+    coords = ff.coords
+    if not len(coords):
+        return
+    if (coords < 0).any():
+        bad = int((coords < 0).any(axis=1).sum())
+        raise FeatureFileError(f"{where}: {bad} patch(es) at negative coordinates (e.g. {tuple(coords.min(axis=0))})")
+    unique = len(np.unique(coords, axis=0))
+    if unique < len(coords):
+        raise FeatureFileError(
+            f"{where}: {len(coords) - unique} of {len(coords)} patches repeat another patch's coordinates"
+        )
+    if ff.level0_width and ff.level0_height:
+        outside = (coords[:, 0] >= ff.level0_width) | (coords[:, 1] >= ff.level0_height)
+        if outside.any():
+            raise FeatureFileError(
+                f"{where}: {int(outside.sum())} patch(es) start outside the slide's "
+                f"{ff.level0_width} x {ff.level0_height} px"
+            )
 
 
 def _as_coords(coords: Any, *, where: str) -> np.ndarray:
