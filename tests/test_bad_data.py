@@ -113,3 +113,36 @@ def test_train_checks_every_feature_file_first(cohort_files, tmp_path, capsys, m
     assert code == 2 and len(err) == 1, err
     assert victim.name in err[0] and says in err[0], err[0]
     assert not out.exists()
+
+
+# -- gene sets -----------------------------------------------------------------------------
+
+
+def test_gmt_whose_tme_equals_tumor_says_what_happened(tmp_path):
+    from napari_dismm.omics import load_gene_sets
+
+    gmt = tmp_path / "same.gmt"
+    gmt.write_text("TUMOR_A\tna\tMYC\tMKI67\tEGFR\nTME_A\tna\tMYC\tMKI67\tEGFR\n")
+    with pytest.raises(DismmError) as error:
+        load_gene_sets(gmt)
+    message = str(error.value)
+    assert "\n" not in message
+    assert "TME set(s) TME_A is also in a TUMOR set" in message and "moved all 3 to the tumor side" in message
+    assert "ties to tumor" in message
+
+
+# -- extract's numeric options: one up-front exit 2, not a failure per slide ------------------
+
+
+@pytest.mark.parametrize(("option", "says"), [
+    (["--magnifications", "0"], "--magnifications"), (["--magnifications", "ten"], "--magnifications"),
+    (["--mpp", "-1"], "--mpp"), (["--mpp", "nan"], "--mpp"), (["--batch-size", "0"], "--batch-size"),
+    (["--min-tissue", "2"], "--min-tissue"), (["--min-tissue", "-0.1"], "--min-tissue"),
+    (["--workers", "-1"], "--workers"),
+])
+def test_extract_bad_numbers_exit_2_before_any_slide(tmp_path, capsys, cmu_slide_path, option, says):
+    out = tmp_path / "features"
+    assert main(["extract", str(cmu_slide_path), "--out", str(out), *option]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and says in err[0], err
+    assert not out.exists()

@@ -22,7 +22,7 @@ from typing import Any
 
 from napari_dismm.errors import DismmError
 from napari_dismm.features.cache import magnification_label
-from napari_dismm.features.extract import SlideResult, extract_slide, resolve_encoder
+from napari_dismm.features.extract import SlideResult, check_options, extract_slide, resolve_encoder
 from napari_dismm.features.h5 import atomic_path
 
 
@@ -120,6 +120,7 @@ def extract_cohort(
     unknown = set(options) - _SLIDE_OPTIONS
     if unknown:
         raise DismmError(f"unknown extraction option(s): {', '.join(sorted(unknown))}")
+    check_options(**options)
     slides = collect_slides([inputs] if isinstance(inputs, (str, Path)) else inputs)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

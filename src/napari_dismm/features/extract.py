@@ -246,6 +246,36 @@ def _tissue_params(value: Any, cls: type) -> Any:
     return value
 
 
+def check_options(*, magnifications: Sequence[str | float] = DEFAULT_MAGNIFICATIONS, mpp: float | None = None,
+                  min_tissue: float = 0.25, batch_size: int = 64, num_workers: int = 2, patch_size: int = 224,
+                  overlap: int = 0, threads: int | None = None, **_: Any) -> None:
+    """Numeric options that would fail every slide, refused once before any slide (or the
+    output folder) is touched; messages name the `dismm extract` flag."""
+    import math
+
+    from napari_dismm.slide.info import check_user_mpp
+
+    try:
+        _unique_magnifications(magnifications)
+    except DismmError as error:
+        raise DismmError(f"--magnifications: {error}") from None
+    try:
+        check_user_mpp(mpp)
+    except DismmError:
+        raise DismmError(f"--mpp must be a positive number of µm per pixel, got {mpp!r}") from None
+    if isinstance(min_tissue, bool) or not isinstance(min_tissue, (int, float)) or not (
+            math.isfinite(min_tissue) and 0.0 <= min_tissue <= 1.0):
+        raise DismmError(f"--min-tissue is a fraction of the patch, from 0 to 1; got {min_tissue!r}")
+    for flag, value, lowest in (("--batch-size", batch_size, 1), ("--workers", num_workers, 0),
+                                ("patch size", patch_size, 1), ("overlap", overlap, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+            raise DismmError(f"{flag} must be an integer >= {lowest}, got {value!r}")
+    if overlap >= patch_size:
+        raise DismmError(f"overlap ({overlap}) must be smaller than the patch size ({patch_size})")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise DismmError(f"threads must be an integer >= 1, got {threads!r}")
+
+
 def _unique_magnifications(values: Sequence[str | float]) -> list[float]:
     mags: list[float] = []
     for value in values:
