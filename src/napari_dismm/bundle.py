@@ -73,6 +73,10 @@ class Prediction:
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     #: Seconds per stage (``read``, ``encode``, ``model``, ...) — for benchmarks and logs.
     timings: dict[str, float] = field(default_factory=dict)
+    #: Slide tiles that could not be decoded (shown to the model as background) and tiles
+    #: read, summed over the feature files used; None when the files do not record them.
+    unreadable_tiles: int | None = None
+    tiles_read: int | None = None
 
     def __post_init__(self) -> None:
         self.patches = normalise_patches(self.patches)

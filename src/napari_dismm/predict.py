@@ -317,7 +317,7 @@ def _predict_from_files(model, spec: ModelSpec, files: dict[str, Path], *, genes
         slide_id=slide_id, slide_name=name, model_id=spec.model_id, model_kind=spec.kind, task=spec.task,
         class_names=list(spec.class_names), probabilities=probabilities, predicted_class=predicted, risk=risk,
         survival=survival, bin_edges=spec.bin_edges, trained_for=spec.trained_for, mpp=mpp0, level0_size=size,
-        patches=patches, tissue_contours=contours, timings=timings,
+        patches=patches, tissue_contours=contours, timings=timings, **_tile_counts(loaded.values()),
     )
 
 
@@ -347,6 +347,15 @@ def _patch_rows(out, mag: str, ff, spec: ModelSpec, mpp0: float | None) -> pd.Da
         "ita_cluster": cluster[:n], "ita_centre": centre[:n],
     })
     return frame.loc[:, list(PATCH_COLUMNS)]
+
+
+def _tile_counts(files) -> dict[str, int | None]:
+    """Unreadable and read tiles summed over the feature files (None if any lacks them)."""
+    files = list(files)
+    if any(ff.tiles_read is None or ff.unreadable_tiles is None for ff in files):
+        return {"unreadable_tiles": None, "tiles_read": None}
+    return {"unreadable_tiles": sum(ff.unreadable_tiles for ff in files),
+            "tiles_read": sum(ff.tiles_read for ff in files)}
 
 
 def _slide_from_files(loaded: dict) -> tuple[str, str, float | None, tuple[int, int] | None]:

@@ -39,6 +39,9 @@ from napari_dismm.features.cache import (
 from napari_dismm.features.h5 import FeatureFile, read_coords, write_features
 
 DEFAULT_MAGNIFICATIONS: tuple[str, ...] = ("10x", "20x")
+#: Above this share of unreadable (corrupt) slide tiles, no feature file is written: the
+#: patches would be mostly background and a prediction from them meaningless.
+MAX_UNREADABLE_SHARE = 0.05
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,7 @@ def extract_slide(
             if cached(path, key):
                 outputs.append(MagnificationResult(mag, path, len(read_coords(path)), True, 0.0))
                 continue
+            bad_before, read_before = slide.tile_counts()
             if mask is None:  # once per slide, shared by the magnifications
                 mask = require_tissue(detect_tissue(slide, params=params))
             grid = make_grid(
@@ -149,6 +153,9 @@ def extract_slide(
                 features = encode_grid(
                     slide, grid, enc, batch_size=batch_size, num_workers=num_workers, progress=progress, desc=desc
                 )
+            bad_now, read_now = slide.tile_counts()
+            bad, read = bad_now - bad_before, read_now - read_before
+            check_unreadable(slide_path.name, bad, read)
             w0, h0 = info.level_dimensions[0]
             write_features(
                 path,
@@ -159,11 +166,19 @@ def extract_slide(
                     level0_width=int(w0), level0_height=int(h0), mpp=mpp0, encoder=enc.name,
                     encoder_weights_hash=enc.weights_hash, slide_id=info.slide_id,
                     tissue_params=tissue_params_dict(params), min_tissue=min_tissue, cache_key=key,
+                    unreadable_tiles=bad, tiles_read=read,
                 ),
             )
             outputs.append(MagnificationResult(mag, path, len(grid), False, time.perf_counter() - t0))
         slide_id = info.slide_id
     return SlideResult(slide_path, slide_id, tuple(outputs), time.perf_counter() - started)
+
+
+def check_unreadable(name: str, bad: int, read: int) -> None:
+    """SlideError when more than :data:`MAX_UNREADABLE_SHARE` of the tiles read were corrupt."""
+    if read and bad / read > MAX_UNREADABLE_SHARE:
+        raise SlideError(f"{name}: {bad} of {read} tiles read are unreadable (corrupt), more than "
+                         f"{MAX_UNREADABLE_SHARE:.0%}; features would be mostly background, so none are written")
 
 
 def encode_grid(

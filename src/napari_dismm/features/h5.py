@@ -66,6 +66,10 @@ class FeatureFile:
     tissue_params: dict[str, Any] | None = None
     min_tissue: float | None = None
     cache_key: str | None = None
+    unreadable_tiles: int | None = None
+    """Native slide tiles that could not be decoded (read as background) while making the file."""
+    tiles_read: int | None = None
+    """Native slide tiles read while making the file (the denominator of the above)."""
     source_format: str = "dismm"
     """How the file was recognised on reading: dismm, trident, clam or bare."""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -168,6 +172,8 @@ def _write_into(h5: h5py.File, ff: FeatureFile) -> None:
         root["tissue_params"] = json.dumps(ff.tissue_params, sort_keys=True)
     _set(root, "min_tissue", ff.min_tissue)
     _set(root, "cache_key", ff.cache_key)
+    _set(root, "unreadable_tiles", ff.unreadable_tiles)
+    _set(root, "tiles_read", ff.tiles_read)
 
 
 def _set(attrs: h5py.AttributeManager, key: str, value: Any) -> None:
@@ -328,6 +334,8 @@ def _interpret(
         tissue_params=json.loads(tissue) if isinstance(tissue, str) else None,
         min_tissue=_float_or_none(r_attrs.get("min_tissue")),
         cache_key=_str_or_none(r_attrs.get("cache_key")),
+        unreadable_tiles=_int_or_none(r_attrs.get("unreadable_tiles")),
+        tiles_read=_int_or_none(r_attrs.get("tiles_read")),
         source_format=source,
         extra=extra,
     )

@@ -56,6 +56,11 @@ class Slide:
         name, levels, backend = Path(self.info.path).name, self.info.level_count, self.info.backend
         return f"Slide({name!r}, {w}x{h}, levels={levels}, backend={backend})"
 
+    def tile_counts(self) -> tuple[int, int]:
+        """(unreadable, read) native tiles since the slide was opened: unreadable ones are
+        served as background, so callers judge whether what they computed still means much."""
+        return len(self._store.bad_tiles), self._store.tiles_read
+
     # -- metadata helpers -----------------------------------------------------------------
     def require_mpp(self) -> float:
         """The mpp, or UnknownMppError telling the user to pass an override."""
