@@ -176,8 +176,10 @@ def check_bundle_matches_slide(prediction: Prediction, slide_info: Any) -> None:
     (an OpenSlide quickhash-1 or our content hash)."""
     slide_id = slide_info if isinstance(slide_info, str) else getattr(slide_info, "slide_id", None)
     if slide_id != prediction.slide_id:
+        path = getattr(slide_info, "path", None)
+        this = f" ({Path(path).name})" if path else ""
         raise BundleMismatchError(
-            f"bundle is for slide {prediction.slide_id} ({prediction.slide_name}), not {slide_id}"
+            f"bundle is for slide {prediction.slide_id} ({prediction.slide_name}), not {slide_id}{this}"
         )
 
 

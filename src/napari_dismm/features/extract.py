@@ -136,7 +136,7 @@ def extract_slide(
                 continue
             bad_before, read_before = slide.tile_counts()
             if mask is None:  # once per slide, shared by the magnifications
-                mask = require_tissue(detect_tissue(slide, params=params))
+                mask = require_tissue(detect_tissue(slide, params=params), name=slide_path.name)
             grid = make_grid(
                 slide, target_mpp=magnification_to_mpp(mag), patch_size=patch_size, overlap=overlap,
                 tissue=mask, min_tissue=min_tissue,

@@ -104,8 +104,8 @@ def get_encoder(
     path = Path(weights).expanduser() if weights is not None else None
     if path is None and spec.needs_weights and not allow_random:
         raise ModelConfigError(
-            f"encoder {name!r} needs a local weight file (weights=...: {spec.hint}); "
-            "nothing is downloaded, and random weights are only used with allow_random=True"
+            f"encoder {name!r} needs a local weight file: --weights FILE ({spec.hint}); nothing is "
+            "downloaded (random weights, for tests only, with allow_random=True from Python)"
         )
     if path is None and spec.needs_weights:
         with torch.random.fork_rng(devices=[]):
