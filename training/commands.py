@@ -107,7 +107,7 @@ def _train(args: argparse.Namespace) -> int:
     with distributed_from_env() as ctx:
         run_training(cohort_csv=args.cohort, expression=args.expression, gene_sets=args.gene_sets, task=args.task,
                      out=args.out, config=args.config, models=args.models, ablations=args.ablations, ctx=ctx,
-                     log=lambda msg: print(msg, file=sys.stderr))
+                     log=lambda msg: print(msg, file=sys.stderr), progress=True)
         if ctx.is_main:
             print(format_table(args.out))
     return 0
