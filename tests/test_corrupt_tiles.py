@@ -4,6 +4,7 @@ and above a stated share nothing is predicted (exit 2) instead of a confident nu
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import tifffile
@@ -39,7 +40,10 @@ def test_few_bad_tiles_are_counted_in_prediction_json(tmp_path, capsys, model):
     with pytest.warns(UserWarning, match="unreadable tile"):
         code = main(["predict", str(slide), "--model", str(model), "--out", str(out), "--device", "cpu",
                      "--features-dir", str(tmp_path / "f")])
-    assert code == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 0, err
+    # the encoding bar: percentage, elapsed and remaining time
+    assert re.search(r"dismm: encode patches: 100%\|.*\| \[\d\d:\d\d<00:00\]", err), err
     doc = json.loads((out / "prediction.json").read_text())
     assert doc["unreadable_tiles"] >= 1 and doc["tiles_read"] > doc["unreadable_tiles"]
     assert doc["unreadable_tiles"] / doc["tiles_read"] <= MAX_UNREADABLE_SHARE
