@@ -36,7 +36,7 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open, save
 from torch import Tensor, nn
 
 from napari_dismm.errors import DismmWarning
@@ -227,9 +227,9 @@ def save_checkpoint(directory: Path, *, model: nn.Module, optimizer: torch.optim
     tensors["rng"] = torch.get_rng_state()
     scalars = {**info, "param_groups": opt["param_groups"]}
     text = json.dumps(scalars, default=_json_default)
-    tmp = directory / f".state.{uuid.uuid4().hex}.tmp"  # created by save_file: the umask applies
+    tmp = directory / f".state.{uuid.uuid4().hex}.tmp"  # plain open(): the umask applies
     try:
-        save_file(tensors, tmp, metadata={"format": "pt", "scalars": text})
+        tmp.write_bytes(save(tensors, metadata={"format": "pt", "scalars": text}))
         os.replace(tmp, directory / STATE)
     finally:
         Path(tmp).unlink(missing_ok=True)

@@ -17,7 +17,7 @@ import json
 import math
 import os
 import shutil
-import tempfile
+import uuid
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -209,7 +209,10 @@ def write_bundle(prediction: Prediction, out_dir: str | os.PathLike, *, geojson:
     parent = out.parent
     parent.mkdir(parents=True, exist_ok=True)
     fresh = not out.exists()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent if fresh else out))
+    # os.mkdir, not mkdtemp: the bundle gets the user's umask (mkdtemp's 0700 would hide it
+    # from colleagues on a shared server)
+    tmp = (parent if fresh else out) / f".{out.name}.tmp-{uuid.uuid4().hex}"
+    tmp.mkdir()
     try:
         prediction.patches.to_csv(tmp / PATCHES_CSV, index=False)
         (tmp / ATTENTION_GEOJSON).write_text(json.dumps(geojson, allow_nan=False), encoding="utf-8")
