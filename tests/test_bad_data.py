@@ -86,7 +86,7 @@ def _broken(kind: str, features: np.ndarray, coords: np.ndarray) -> dict:
 
 @pytest.mark.parametrize(("kind", "says"), [
     ("nan", "NaN"), ("n-mismatch", "coordinates"), ("1-d", "(N, D)"), ("string", "numeric"),
-    ("0-row", "no patch (0 rows)"), ("narrow", "differ from the other 11 (8-d)"),
+    ("0-row", "has no patch in any feature file"), ("narrow", "differ from the other 11 (8-d)"),
     ("negative", "negative coordinates"), ("duplicate", "repeat"),
 ])
 def test_train_checks_every_feature_file_first(cohort_files, tmp_path, capsys, monkeypatch, kind, says):
@@ -105,6 +105,11 @@ def test_train_checks_every_feature_file_first(cohort_files, tmp_path, capsys, m
     with h5py.File(victim, "r") as h5:
         features, coords = h5["features"][()], h5["coords"][()]
     _rewrite(victim, **_broken(kind, features, coords))
+    if kind == "0-row":  # empty at both magnifications (empty at one only trains, with a warning)
+        other = root / frame["features_10x"].iat[5]
+        with h5py.File(other, "r") as h5:
+            f10, c10 = h5["features"][()], h5["coords"][()]
+        _rewrite(other, features=f10[:0], coords=c10[:0])
     frame.to_csv(root / "cohort.csv", index=False)
     out = tmp_path / "run"
     code = main(["train", "--cohort", str(root / "cohort.csv"), "--expression", str(cohort_files.expression),
@@ -113,6 +118,20 @@ def test_train_checks_every_feature_file_first(cohort_files, tmp_path, capsys, m
     assert code == 2 and len(err) == 1, err
     assert victim.name in err[0] and says in err[0], err[0]
     assert not out.exists()
+
+
+def test_slide_empty_at_one_magnification_is_reported(cohort_files, tmp_path):
+    from napari_dismm.errors import DismmWarning
+    from training.cohort import load_cohort
+
+    write_features(tmp_path / "empty.h5", FeatureFile(np.zeros((0, 8), np.float32), np.zeros((0, 2), np.int64)))
+    import pandas as pd
+
+    frame = pd.read_csv(cohort_files.csv, dtype=str)
+    frame.loc[2, "features_20x"] = str(tmp_path / "empty.h5")
+    frame.to_csv(cohort_files.root / "one_empty.csv", index=False)
+    with pytest.warns(DismmWarning, match=r"1 slide\(s\) have no patch at one magnification.*\(row 4\) at 20x"):
+        load_cohort(cohort_csv=cohort_files.root / "one_empty.csv", task="classification")
 
 
 # -- gene sets -----------------------------------------------------------------------------

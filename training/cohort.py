@@ -16,6 +16,7 @@ the expression table's patient.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from napari_dismm.errors import DataError, FeatureFileError
+from napari_dismm.errors import DataError, DismmWarning, FeatureFileError
 from napari_dismm.features.h5 import scan_features
 from napari_dismm.omics import ExpressionTable, GeneSets, load_gene_sets, load_omics, read_expression
 from napari_dismm.omics.expression import warn_report
@@ -178,22 +179,33 @@ def _feature_paths(
 
 
 def check_feature_files(files: list[dict[str, Path]], frame: pd.DataFrame, path: Path) -> dict[str, int]:
-    """Every feature file readable, finite, with sane coordinates, at least one patch, and
-    one feature width per magnification; returns ``{magnification: D}``.
+    """Every feature file readable, finite, with sane coordinates, and one feature width per
+    magnification; every slide with at least one patch. Returns ``{magnification: D}``.
 
     Why before anything else: a broken bag found mid-fold leaves a half-written run. When
-    widths disagree, the files of the minority width are the wrong ones and are named."""
+    widths disagree, the files of the minority width are the wrong ones and are named. A
+    slide with no patch at one magnification trains on the other (its bag there is empty,
+    masked) and is reported; one with no patch at all is refused."""
     widths: dict[str, dict[int, list[Path]]] = {}
+    partly_empty: list[str] = []
     for i, row in enumerate(files):
+        empty = []
         for mag, file in row.items():
             try:
                 n, d = scan_features(file)
             except FeatureFileError as error:
                 raise DataError(f"{path}: {_row_name(frame, i)}, features_{mag}: {error}") from None
             if n == 0:
-                raise DataError(f"{path}: {_row_name(frame, i)}, features_{mag}: {file} has no patch (0 rows); "
-                                "re-extract it with a lower --min-tissue or leave the slide out")
+                empty.append(mag)
             widths.setdefault(mag, {}).setdefault(d, []).append(file)
+        if empty and len(empty) == len(row):
+            raise DataError(f"{path}: {_row_name(frame, i)} has no patch in any feature file ({', '.join(str(f) for f in row.values())}); "
+                            "re-extract it with a lower --min-tissue or leave the slide out")
+        if empty:
+            partly_empty.append(f"{_row_name(frame, i)} at {', '.join(empty)}")
+    if partly_empty:
+        warnings.warn(f"{path}: {len(partly_empty)} slide(s) have no patch at one magnification and train on the "
+                      f"other(s) there: {preview(partly_empty)}", DismmWarning, stacklevel=3)
     dims = {}
     for mag, by_width in widths.items():
         ranked = sorted(by_width.items(), key=lambda kv: -len(kv[1]))
