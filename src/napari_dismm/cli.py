@@ -215,10 +215,6 @@ class _StageReporter:
             self.bar = None
 
 
-def _stage_printer() -> _StageReporter:
-    return _StageReporter()
-
-
 def _demo(args: argparse.Namespace) -> int:
     """The embedded default end to end: the generated sample slide (planted tumor, stroma and
     immune regions), the shipped demo student, its prediction shown as layers."""
@@ -238,7 +234,7 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"dismm demo: no display found; running headless, writing to {out}/", file=sys.stderr)
     prediction = predict_slide(
         slide_path=slide_path, model_dir="demo", out_dir=out / "bundle" if headless else None,
-        progress=_stage_printer(),
+        progress=_StageReporter(),
     )
     print(f"dismm demo: the demo model predicts {prediction.predicted_class} "
           f"(p = {max(prediction.probabilities):.2f}) from {len(prediction.patches)} patch rows")

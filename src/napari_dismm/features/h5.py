@@ -387,7 +387,7 @@ def check_geometry(ff: FeatureFile, *, where: str) -> None:
         return
     if (coords < 0).any():
         bad = int((coords < 0).any(axis=1).sum())
-        raise FeatureFileError(f"{where}: {bad} patch(es) at negative coordinates (e.g. {tuple(coords.min(axis=0))})")
+        raise FeatureFileError(f"{where}: {bad} patch(es) at negative coordinates (lowest x, y: {coords.min(axis=0).tolist()})")
     unique = len(np.unique(coords, axis=0))
     if unique < len(coords):
         raise FeatureFileError(
