@@ -117,9 +117,9 @@ def test_mutated_cohort_inputs(cohort, capsys, kind):
             path.write_text(text, encoding="utf-8", errors="surrogateescape")
             given_files = {kind: path}
             refused = _reader_refuses(lambda: load_cohort(
-                cohort_csv=given_files.get("csv", cohort.csv), expression=given_files.get("expression", cohort.expression),
-                gene_sets=given_files.get("gmt", cohort.gmt), task="classification",
-                base_dir=cohort.root))
+                cohort_csv=given_files.get("csv", cohort.csv),
+                expression=given_files.get("expression", cohort.expression),
+                gene_sets=given_files.get("gmt", cohort.gmt), task="classification", base_dir=cohort.root))
             if not refused:
                 return  # a valid cohort would train: not this test's business
             csv = given_files.get("csv")

@@ -199,7 +199,8 @@ def check_feature_files(files: list[dict[str, Path]], frame: pd.DataFrame, path:
                 empty.append(mag)
             widths.setdefault(mag, {}).setdefault(d, []).append(file)
         if empty and len(empty) == len(row):
-            raise DataError(f"{path}: {_row_name(frame, i)} has no patch in any feature file ({', '.join(str(f) for f in row.values())}); "
+            shown = ", ".join(str(f) for f in row.values())
+            raise DataError(f"{path}: {_row_name(frame, i)} has no patch in any feature file ({shown}); "
                             "re-extract it with a lower --min-tissue or leave the slide out")
         if empty:
             partly_empty.append(f"{_row_name(frame, i)} at {', '.join(empty)}")

@@ -296,8 +296,8 @@ def _predict_from_files(model, spec: ModelSpec, files: dict[str, Path], *, genes
     slide_id, name, mpp0, size = slide if slide is not None else _slide_from_files(loaded)
     for mag, ff in loaded.items():
         if ff.slide_id and slide_id and ff.slide_id != slide_id:
-            raise FeatureFileError(f"feature file {files[mag].name} is for slide {ff.name or '?'} (id {ff.slide_id[:16]}), "
-                                   f"not {name} (id {slide_id[:16]})")
+            raise FeatureFileError(f"feature file {files[mag].name} is for slide {ff.name or '?'} "
+                                   f"(id {ff.slide_id[:16]}), not {name} (id {slide_id[:16]})")
     present = [m for m in spec.magnifications if m in loaded and loaded[m].n_patches > 0]
     if not present:
         raise SlideError(f"{name}: no patch with enough tissue at {', '.join(spec.magnifications)}; nothing to predict")

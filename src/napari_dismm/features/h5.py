@@ -243,7 +243,8 @@ def scan_features(path: str | os.PathLike, *, rows_per_read: int = 4096) -> tupl
             raise FeatureFileError(f"{path}: {n} feature rows but {coords.shape[0]} coordinates")
         if data.dtype.kind == "f":
             for start in range(0, n, rows_per_read):
-                block = data[0, start : start + rows_per_read] if data.ndim == 3 else data[start : start + rows_per_read]
+                rows = slice(start, start + rows_per_read)
+                block = data[0, rows] if data.ndim == 3 else data[rows]
                 finite = np.isfinite(block)
                 if not finite.all():
                     raise FeatureFileError(f"{path}: feature row {start + int(np.flatnonzero(~finite.all(axis=1))[0])} "
@@ -387,7 +388,8 @@ def check_geometry(ff: FeatureFile, *, where: str) -> None:
         return
     if (coords < 0).any():
         bad = int((coords < 0).any(axis=1).sum())
-        raise FeatureFileError(f"{where}: {bad} patch(es) at negative coordinates (lowest x, y: {coords.min(axis=0).tolist()})")
+        lowest = coords.min(axis=0).tolist()
+        raise FeatureFileError(f"{where}: {bad} patch(es) at negative coordinates (lowest x, y: {lowest})")
     unique = len(np.unique(coords, axis=0))
     if unique < len(coords):
         raise FeatureFileError(
