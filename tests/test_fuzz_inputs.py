@@ -190,17 +190,18 @@ def feature_datasets(draw) -> dict:
     d = draw(st.sampled_from([0, 1, 1280, 3]))
     kind = draw(st.sampled_from(["f4", "f8", "i4", "S1"]))
     features = np.random.default_rng(draw(st.integers(0, 9))).standard_normal((n, d))
-    if draw(st.booleans()) and features.size:
+    if draw(st.integers(0, 3)) == 0 and features.size:
         features.flat[draw(st.integers(0, features.size - 1))] = draw(st.sampled_from([np.nan, np.inf, -np.inf]))
     features = features.astype("S1") if kind == "S1" else features.astype(kind)
     coords = np.stack([np.arange(n) * 448, np.zeros(n, int)], axis=1)
-    coords_edit = draw(st.sampled_from(["ok", "negative", "same", "short", "3cols", "float", "1d"]))
+    # one fault at a time is the likeliest (several at once hide each other)
+    coords_edit = draw(st.sampled_from(["ok"] * 6 + ["negative", "same", "short", "3cols", "float", "1d"]))
     coords = {"ok": coords, "negative": coords - 10**5, "same": np.zeros_like(coords), "short": coords[:-1],
               "3cols": np.zeros((n, 3), int), "float": coords + 0.5, "1d": coords[:, 0]}[coords_edit]
     data = {"features": features, "coords": coords}
-    if draw(st.booleans()):
+    if draw(st.integers(0, 5)) == 0:
         data.pop(draw(st.sampled_from(["features", "coords"])))
-    if draw(st.booleans()):
+    if draw(st.integers(0, 5)) == 0:
         data["features"] = data.get("features", features)[None]  # a batch axis
     return data
 
@@ -211,8 +212,8 @@ def test_random_feature_files(tmp_path, capsys):
 
     model = save_random(tmp_path / "model")
 
-    @settings(settings.get_profile(PROFILE))
-    @given(datasets=feature_datasets(), raw=st.one_of(st.none(), st.binary(max_size=64)),
+    @settings(settings.get_profile(PROFILE), max_examples=5 * settings.get_profile(PROFILE).max_examples)
+    @given(datasets=feature_datasets(), raw=st.one_of(st.none(), st.none(), st.none(), st.binary(max_size=64)),
            attrs=st.dictionaries(st.sampled_from(["target_magnification", "patch_size_level0", "level0_width"]),
                                  st.one_of(st.integers(-5, 40), st.just("20x"), st.floats(allow_nan=True)),
                                  max_size=2))
