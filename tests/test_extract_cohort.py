@@ -43,8 +43,10 @@ def test_folder_cohort_writes_files_and_manifest(local_run) -> None:
     assert [(r["slide"], r["magnification"], r["status"]) for r in rows] == [
         ("slide0", "10x", "done"), ("slide1", "10x", "done"),
     ]
-    for row in rows:
-        assert int(row["n_patches"]) == read_features(row["path"]).n_patches > 0
+    for row in rows:  # paths relative to OUT
+        assert not Path(row["path"]).is_absolute() and not Path(row["slide_path"]).is_absolute()
+        assert int(row["n_patches"]) == read_features(out / row["path"]).n_patches > 0
+        assert (out / row["slide_path"]).is_file()
 
 
 def test_one_bad_slide_is_reported_and_skipped(slide_dir, local_run, tmp_path, capsys) -> None:
@@ -63,8 +65,22 @@ def test_one_bad_slide_is_reported_and_skipped(slide_dir, local_run, tmp_path, c
     table = summary.table()
     assert "FAILED" in table and "2 already done, 2 failed" in table
     assert "broken.svs" in capsys.readouterr().err  # reported as it happens, not only at the end
-    statuses = [r["status"] for r in csv.DictReader(summary.manifest.open())]
-    assert statuses == ["skipped", "skipped", "failed", "failed"]
+    rows = list(csv.DictReader(summary.manifest.open()))  # this run's rows replaced the first run's
+    assert [(r["slide"], r["status"]) for r in rows] == [
+        ("blank", "failed"), ("broken", "failed"), ("slide0", "skipped"), ("slide1", "skipped"),
+    ]
+
+
+def test_manifest_accumulates_over_runs(slide_dir, tmp_path) -> None:
+    out = tmp_path / "out"
+    extract_cohort(inputs=[slide_dir / "good" / "slide0.tif"], out_dir=out, magnifications=MAGS, device="cpu",
+                   progress=False)
+    summary = extract_cohort(inputs=[slide_dir / "good" / "slide1.tif"], out_dir=out, magnifications=MAGS,
+                             device="cpu", progress=False)
+    rows = list(csv.DictReader(summary.manifest.open()))
+    assert [(r["slide"], r["status"], r["path"]) for r in rows] == [
+        ("slide0", "done", "efficientnet-lite0/10x/slide0.h5"), ("slide1", "done", "efficientnet-lite0/10x/slide1.h5"),
+    ]
 
 
 def test_collect_slides(slide_dir, tmp_path) -> None:

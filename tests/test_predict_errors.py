@@ -81,7 +81,7 @@ def test_feature_files_of_two_slides(tmp_path: Path) -> None:
              "20x": fake_features(tmp_path / "b.h5", slide_id="two")}
     with pytest.raises(FeatureFileError) as error:
         predict_features(features=files, model_dir=model, device="cpu")
-    assert "is for slide two, not one" in one_line(error)
+    assert "b.h5 is for slide fake (id two), not fake (id one)" in one_line(error)
 
 
 def test_teacher_needs_genes(tmp_path: Path) -> None:
@@ -90,6 +90,7 @@ def test_teacher_needs_genes(tmp_path: Path) -> None:
     with pytest.raises(ModelConfigError) as error:
         predict_features(features=files, model_dir=model, device="cpu")
     assert "teacher model needs the patient's gene expression" in one_line(error)
+    assert "genes=" not in str(error.value)  # no Python argument a CLI user cannot give
     genes = {"tumor": np.zeros(5), "tme": np.zeros(7)}
     pred = predict_features(features=files, model_dir=model, device="cpu", genes=genes)
     assert pred.model_kind == "teacher" and pred.patches["tumor_attention"].sum() == pytest.approx(1.0, abs=1e-5)
@@ -103,7 +104,7 @@ def test_blank_slide_has_no_tissue(tmp_path: Path) -> None:
     with pytest.raises(SlideError) as error:
         predict_slide(slide_path=slide, model_dir=model, device="cpu", features_dir=tmp_path / "f",
                       out_dir=tmp_path / "b")
-    assert "no tissue found" in one_line(error)
+    assert "no tissue found in blank.tif" in one_line(error)  # the file, not its hash
     assert not (tmp_path / "b").exists()
 
 
@@ -129,6 +130,6 @@ def test_bundle_of_another_slide(tmp_path: Path) -> None:
     pred = make_prediction()
     with pytest.raises(BundleMismatchError) as error:
         check_bundle_matches_slide(pred, info)
-    assert one_line(error) == f"bundle is for slide {pred.slide_id} (slide one.svs), not {info.slide_id}"
+    assert one_line(error) == f"bundle is for slide {pred.slide_id} (slide one.svs), not {info.slide_id} (s.tif)"
     check_bundle_matches_slide(make_prediction(slide_id=info.slide_id), info)
     check_bundle_matches_slide(pred, pred.slide_id)

@@ -16,6 +16,7 @@ the expression table's patient.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,8 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from napari_dismm.errors import DataError
+from napari_dismm.errors import DataError, DismmWarning, FeatureFileError
+from napari_dismm.features.h5 import scan_features
 from napari_dismm.omics import ExpressionTable, GeneSets, load_gene_sets, load_omics, read_expression
 from napari_dismm.omics.expression import warn_report
 from napari_dismm.omics.patients import patient_id as to_patient_id
@@ -176,6 +178,50 @@ def _feature_paths(
     return out
 
 
+def check_feature_files(files: list[dict[str, Path]], frame: pd.DataFrame, path: Path) -> dict[str, int]:
+    """Every feature file readable, finite, with sane coordinates, and one feature width per
+    magnification; every slide with at least one patch. Returns ``{magnification: D}``.
+
+    Why before anything else: a broken bag found mid-fold leaves a half-written run. When
+    widths disagree, the files of the minority width are the wrong ones and are named. A
+    slide with no patch at one magnification trains on the other (its bag there is empty,
+    masked) and is reported; one with no patch at all is refused."""
+    widths: dict[str, dict[int, list[Path]]] = {}
+    partly_empty: list[str] = []
+    for i, row in enumerate(files):
+        empty = []
+        for mag, file in row.items():
+            try:
+                n, d = scan_features(file)
+            except FeatureFileError as error:
+                raise DataError(f"{path}: {_row_name(frame, i)}, features_{mag}: {error}") from None
+            if n == 0:
+                empty.append(mag)
+            widths.setdefault(mag, {}).setdefault(d, []).append(file)
+        if empty and len(empty) == len(row):
+            shown = ", ".join(str(f) for f in row.values())
+            raise DataError(f"{path}: {_row_name(frame, i)} has no patch in any feature file ({shown}); "
+                            "re-extract it with a lower --min-tissue or leave the slide out")
+        if empty:
+            partly_empty.append(f"{_row_name(frame, i)} at {', '.join(empty)}")
+    if partly_empty:
+        warnings.warn(f"{path}: {len(partly_empty)} slide(s) have no patch at one magnification and train on the "
+                      f"other(s) there: {preview(partly_empty)}", DismmWarning, stacklevel=3)
+    dims = {}
+    for mag, by_width in widths.items():
+        ranked = sorted(by_width.items(), key=lambda kv: -len(kv[1]))
+        if len(ranked) > 1:
+            usual, usual_files = ranked[0]
+            if len(usual_files) == len(ranked[1][1]):
+                shown = ", ".join(f"{d}-d: {preview([str(f) for f in fs], 2)}" for d, fs in ranked)
+                raise DataError(f"{path}: the {mag} feature files disagree on the feature width ({shown})")
+            wrong = [(d, f) for d, fs in ranked[1:] for f in fs]
+            raise DataError(f"{path}: {len(wrong)} {mag} feature file(s) differ from the other "
+                            f"{len(usual_files)} ({usual}-d): {preview([f'{f} ({d}-d)' for d, f in wrong])}")
+        dims[mag] = ranked[0][0]
+    return dims
+
+
 def _one_value_per_patient(patients: list[str], values: list[object], what: str, path: Path) -> None:
     seen: dict[str, object] = {}
     conflicts: list[str] = []
@@ -273,6 +319,7 @@ def load_cohort(
         _one_value_per_patient(frame["patient_id"].tolist(), list(zip(times, events)), "time/event", path)
 
     files = _feature_paths(frame, path, base, magnifications)
+    check_feature_files(files, frame, path)
     sets, table = _omics(expression, gene_sets, log1p)
     if table is not None:
         known = set(table.patients)

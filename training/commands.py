@@ -78,9 +78,11 @@ def register_inspect(subparsers) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    from napari_dismm.cli import require_output_dir
     from napari_dismm.errors import DataError
     from training.inspect import headline, inspect_run
 
+    require_output_dir(args.out)
     if args.ig_steps < 1:
         raise DataError(f"--ig-steps must be >= 1, got {args.ig_steps}")
     summary = inspect_run(args.run_dir, cohort_csv=args.cohort, expression=args.expression, gene_sets=args.gene_sets,
@@ -97,10 +99,12 @@ def _inspect(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     import torch
 
+    from napari_dismm.cli import require_output_dir
     from napari_dismm.errors import DataError
     from training.ddp import distributed_from_env
     from training.run import format_table, run_training
 
+    require_output_dir(args.out)
     if args.threads is not None:
         if args.threads < 1:
             raise DataError(f"--threads must be >= 1, got {args.threads}")
@@ -108,7 +112,7 @@ def _train(args: argparse.Namespace) -> int:
     with distributed_from_env() as ctx:
         run_training(cohort_csv=args.cohort, expression=args.expression, gene_sets=args.gene_sets, task=args.task,
                      out=args.out, config=args.config, models=args.models, ablations=args.ablations, ctx=ctx,
-                     log=lambda msg: print(msg, file=sys.stderr))
+                     log=lambda msg: print(msg, file=sys.stderr), progress=True)
         if ctx.is_main:
             print(format_table(args.out))
     return 0
@@ -125,9 +129,11 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
+    from napari_dismm.cli import require_output_dir
     from napari_dismm.errors import DataError
     from training.synth import regime_config, write_synthetic_cohort
 
+    require_output_dir(args.out)
     if args.patients < 8:
         raise DataError(f"--patients must be >= 8, got {args.patients}")
     overrides = {key: value for key, value in (("patch_signal", args.patch_signal), ("gene_signal", args.gene_signal),

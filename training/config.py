@@ -249,6 +249,10 @@ def load_config(path: str | os.PathLike[str] | None = None) -> TrainConfig:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ModelConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ModelConfigError(f"--config {path} is a directory; give a TOML file") from None
+    except OSError as error:
+        raise ModelConfigError(f"cannot read the config file {path} ({error.strerror or error})") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise ModelConfigError(f"{path}: not valid TOML ({error})") from None
     return config_from_dict(data, source=str(path))

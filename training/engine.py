@@ -22,10 +22,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
+import sys
+import uuid
 import warnings
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,7 +36,7 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open, save
 from torch import Tensor, nn
 
 from napari_dismm.errors import DismmWarning
@@ -44,6 +47,29 @@ from training.ddp import SINGLE, DistContext, all_reduce_mean, barrier, epoch_ba
 from training.metrics import by_patient, classification_metrics, survival_metrics, write_history
 
 STATE = "state.safetensors"
+_BARS: ContextVar[bool] = ContextVar("dismm_training_bars", default=False)
+
+
+@contextmanager
+def progress_bars(enabled: bool = True) -> Iterator[None]:
+    """Within the block, every fold trained on the main process shows a bar on stderr:
+    epochs done of the maximum, the running and validation losses, and an ETA (an upper
+    bound when early stopping ends a fold sooner). Why a context: the stage modules call
+    :func:`train_fold` without knowing whether a person is watching."""
+    token = _BARS.set(enabled)
+    try:
+        yield
+    finally:
+        _BARS.reset(token)
+
+
+def _fold_bar(name: str, fold: int, settings: LoopSettings, done: int, *, show: bool):
+    if not show:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=settings.epochs, initial=done, desc=f"{name} fold {fold}", unit="epoch", file=sys.stderr,
+                dynamic_ncols=True, leave=True)
 
 
 def seed_for(*parts: object) -> int:
@@ -201,10 +227,9 @@ def save_checkpoint(directory: Path, *, model: nn.Module, optimizer: torch.optim
     tensors["rng"] = torch.get_rng_state()
     scalars = {**info, "param_groups": opt["param_groups"]}
     text = json.dumps(scalars, default=_json_default)
-    handle, tmp = tempfile.mkstemp(prefix=".state.", suffix=".tmp", dir=directory)
-    os.close(handle)
+    tmp = directory / f".state.{uuid.uuid4().hex}.tmp"  # plain open(): the umask applies
     try:
-        save_file(tensors, tmp, metadata={"format": "pt", "scalars": text})
+        tmp.write_bytes(save(tensors, metadata={"format": "pt", "scalars": text}))
         os.replace(tmp, directory / STATE)
     finally:
         Path(tmp).unlink(missing_ok=True)
@@ -295,50 +320,21 @@ def train_fold(
     info: dict[str, Any] = {"epoch": 0, "history": [], "best_score": None, "best_epoch": 0, "bad_epochs": 0,
                             "stopped": False, "world_size": ctx.world_size}
     best = _state(model)
-    if (ckpt_dir / STATE).exists():
+    resumed = (ckpt_dir / STATE).exists()
+    if resumed:
         best, info = load_checkpoint(ckpt_dir, model=model, optimizer=optimizer)
     net = wrap(model, ctx)
     metric = main_metric(task)
-    while info["epoch"] < settings.epochs and not info["stopped"]:
-        epoch = info["epoch"]
-        torch.manual_seed(seed_for(settings.seed, name, fold, epoch))
-        data.train.set_epoch(epoch)
-        if hasattr(objective, "set_epoch"):
-            objective.set_epoch(epoch)
-        net.train()
-        sums: dict[str, float] = {}
-        steps = epoch_batches(len(data.train), batch_size=settings.batch_size,
-                              seed=seed_for(settings.seed, name, fold, "order"), epoch=epoch, ctx=ctx)
-        for idx in steps:
-            batch = collate_bags([data.train[i] for i in idx]).to(device)
-            optimizer.zero_grad(set_to_none=True)
-            loss, parts = objective.train_loss(net, batch)
-            loss.backward()
-            parts.update(objective.after_backward())
-            optimizer.step()
-            for key, value in {"loss": float(loss.detach()), **parts}.items():
-                sums[key] = sums.get(key, 0.0) + value / len(steps)
-        val = predict(model, data.val, batch_size=settings.batch_size, device=device)
-        val_loss = prediction_loss(val, task=task, class_weights=class_weights)
-        val_metric = score(val, task=task)[metric]
-        row = {"epoch": epoch + 1, **{f"train_{k}": all_reduce_mean(v, ctx) for k, v in sums.items()},
-               "val_loss": val_loss, f"val_{metric}": val_metric}
-        value = val_loss if settings.select_on == "loss" else val_metric
-        if _better(value, info["best_score"], settings.select_on):
-            info["best_score"] = value if math.isfinite(value) else None
-            info["best_epoch"], info["bad_epochs"] = epoch + 1, 0
-            best = _state(model)
-        else:
-            info["bad_epochs"] += 1
-        info["history"].append(row)
-        info["epoch"] = epoch + 1
-        info["stopped"] = bool(settings.patience and info["bad_epochs"] >= settings.patience)
-        if ctx.is_main:
-            save_checkpoint(ckpt_dir, model=model, optimizer=optimizer, best=best, info=info)
-            write_history(info["history"], fold_dir / "history")
-        barrier(ctx)
-        if on_epoch is not None:
-            on_epoch(row)
+    bar = _fold_bar(name, fold, settings, info["epoch"], show=ctx.is_main and _BARS.get())
+    if bar is not None and resumed:
+        bar.write(f"{name}: resuming fold {fold} at epoch {info['epoch'] + 1}", file=sys.stderr)
+    try:
+        best = _epochs(net=net, model=model, objective=objective, data=data, settings=settings, name=name, fold=fold,
+                info=info, best=best, optimizer=optimizer, class_weights=class_weights, ctx=ctx, metric=metric,
+                ckpt_dir=ckpt_dir, fold_dir=fold_dir, on_epoch=on_epoch, bar=bar)
+    finally:
+        if bar is not None:
+            bar.close()
     model.load_state_dict(best)
     finalized = finalize(model) if finalize is not None else {}
     test = predict(model, data.test, batch_size=settings.batch_size, device=device)
@@ -357,3 +353,77 @@ def train_fold(
     barrier(ctx)
     return FoldOutcome(metrics, info["best_epoch"], info["epoch"], info["history"], test)
 
+
+def _epochs(*, net, model, objective, data, settings, name, fold, info, best, optimizer, class_weights, ctx,
+            metric, ckpt_dir, fold_dir, on_epoch, bar) -> dict[str, Tensor]:
+    """The epochs still to run (``info`` updated in place); returns the selected state."""
+    task, device = objective.task, ctx.device
+    said_undefined = False
+    while info["epoch"] < settings.epochs and not info["stopped"]:
+        epoch = info["epoch"]
+        torch.manual_seed(seed_for(settings.seed, name, fold, epoch))
+        data.train.set_epoch(epoch)
+        if hasattr(objective, "set_epoch"):
+            objective.set_epoch(epoch)
+        net.train()
+        sums: dict[str, float] = {}
+        steps = epoch_batches(len(data.train), batch_size=settings.batch_size,
+                              seed=seed_for(settings.seed, name, fold, "order"), epoch=epoch, ctx=ctx)
+        for step, idx in enumerate(steps):
+            batch = collate_bags([data.train[i] for i in idx]).to(device)
+            optimizer.zero_grad(set_to_none=True)
+            loss, parts = objective.train_loss(net, batch)
+            loss.backward()
+            parts.update(objective.after_backward())
+            optimizer.step()
+            for key, value in {"loss": float(loss.detach()), **parts}.items():
+                sums[key] = sums.get(key, 0.0) + value / len(steps)
+            if bar is not None:
+                bar.set_postfix_str(f"epoch {epoch + 1}: step {step + 1}/{len(steps)} loss {float(loss.detach()):.3f}")
+        val = predict(model, data.val, batch_size=settings.batch_size, device=device)
+        val_loss = prediction_loss(val, task=task, class_weights=class_weights)
+        val_metric = score(val, task=task)[metric]
+        row = {"epoch": epoch + 1, **{f"train_{k}": all_reduce_mean(v, ctx) for k, v in sums.items()},
+               "val_loss": val_loss, f"val_{metric}": val_metric}
+        value = val_loss if settings.select_on == "loss" else val_metric
+        if _better(value, info["best_score"], settings.select_on):
+            info["best_score"] = value if math.isfinite(value) else None
+            info["best_epoch"], info["bad_epochs"] = epoch + 1, 0
+            best = _state(model)
+        else:
+            info["bad_epochs"] += 1
+        info["history"].append(row)
+        info["epoch"] = epoch + 1
+        info["stopped"] = bool(settings.patience and info["bad_epochs"] >= settings.patience)
+        if ctx.is_main:
+            save_checkpoint(ckpt_dir, model=model, optimizer=optimizer, best=best, info=info)
+            write_history(info["history"], fold_dir / "history")
+            if not math.isfinite(val_metric) and not said_undefined:
+                said_undefined = True
+                _say(bar, f"{name} fold {fold}: val_{metric} is undefined (the validation part has one class"
+                     f"{' or no event' if task == 'survival' else ''}); history.csv writes NaN"
+                     f"{', model selection uses the validation loss' if settings.select_on == 'loss' else ''}")
+        barrier(ctx)
+        if bar is not None:
+            bar.set_postfix_str(_losses_text(row, metric), refresh=False)
+            bar.update(1)
+        if on_epoch is not None:
+            on_epoch(row)
+    return best
+
+
+def _losses_text(row: dict[str, Any], metric: str) -> str:
+    """``loss 0.512 val_loss 0.498 val_auc 0.810`` for the bar (n/a where undefined)."""
+    def shown(value: float) -> str:
+        return f"{value:.3f}" if math.isfinite(value) else "n/a"
+
+    return (f"loss {shown(row.get('train_loss', math.nan))} val_loss {shown(row['val_loss'])} "
+            f"val_{metric} {shown(row.get(f'val_{metric}', math.nan))}")
+
+
+def _say(bar, message: str) -> None:
+    """A line on stderr that does not tear the bar (a warning when there is no bar)."""
+    if bar is not None:
+        bar.write(message, file=sys.stderr)
+    else:
+        warnings.warn(message, DismmWarning, stacklevel=3)

@@ -29,6 +29,7 @@ from napari_dismm.errors import DataError
 from training.cohort import Cohort, load_cohort
 from training.config import TrainConfig, config_to_toml, load_config
 from training.dataset import BagCache
+from training.engine import progress_bars
 from training.ddp import SINGLE, DistContext, barrier
 from training.metrics import summary_json, summary_table
 from training.mirror import MIRROR_MODELS, MirrorSettings, run_mirror_model
@@ -112,8 +113,11 @@ def run_training(
     ctx: DistContext = SINGLE,
     log: Callable[[str], None] | None = print,
     mirror: MirrorSettings | None = None,
+    progress: bool = False,
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """Train every planned model on every fold; returns the summary (``summary.json``).
+
+    ``progress``: a bar per model and fold on stderr (epochs, losses, ETA; engine.progress_bars).
 
     ``mirror``: settings of the MIRROR models (``mirror_probe``, ``mirror_fewshot``,
     ``meanpool_probe``; defaults when None). They run on the main process only."""
@@ -129,6 +133,18 @@ def run_training(
     specs = plan_models(cfg, models=models, ablations=ablations)
     cache = BagCache(int(cfg.data.cache_gb * 1024**3))
     say = log if (log is not None and ctx.is_main) else (lambda _msg: None)
+    with progress_bars(progress):
+        _train_folds(out=out, cohort=cohort, cfg=cfg, split=split, specs=specs, cache=cache, folds=folds, ctx=ctx,
+                     say=say, expression=expression, mirror=mirror)
+    summary = collect_summary(out)
+    if ctx.is_main:
+        write_summary(out, summary)
+        write_figures(out, cohort)
+    barrier(ctx)
+    return summary
+
+
+def _train_folds(*, out, cohort, cfg, split, specs, cache, folds, ctx, say, expression, mirror) -> None:
     for k, fold in enumerate(split.folds):
         if folds is not None and k not in folds:
             continue
@@ -160,12 +176,6 @@ def run_training(
                                                 spatial_context=spec.spatial_context, ctx=ctx)
             shown = ", ".join(f"{m} {v:.3f}" for m, v in outcome.metrics.items() if v is not None)
             say(f"{spec.name} fold {k}: {shown} (best epoch {outcome.best_epoch}/{outcome.epochs_run})")
-    summary = collect_summary(out)
-    if ctx.is_main:
-        write_summary(out, summary)
-        write_figures(out, cohort)
-    barrier(ctx)
-    return summary
 
 
 # -- reading a run back -----------------------------------------------------------------------

@@ -17,7 +17,7 @@ import json
 import math
 import os
 import shutil
-import tempfile
+import uuid
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -73,6 +73,10 @@ class Prediction:
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     #: Seconds per stage (``read``, ``encode``, ``model``, ...) — for benchmarks and logs.
     timings: dict[str, float] = field(default_factory=dict)
+    #: Slide tiles that could not be decoded (shown to the model as background) and tiles
+    #: read, summed over the feature files used; None when the files do not record them.
+    unreadable_tiles: int | None = None
+    tiles_read: int | None = None
 
     def __post_init__(self) -> None:
         self.patches = normalise_patches(self.patches)
@@ -172,8 +176,10 @@ def check_bundle_matches_slide(prediction: Prediction, slide_info: Any) -> None:
     (an OpenSlide quickhash-1 or our content hash)."""
     slide_id = slide_info if isinstance(slide_info, str) else getattr(slide_info, "slide_id", None)
     if slide_id != prediction.slide_id:
+        path = getattr(slide_info, "path", None)
+        this = f" ({Path(path).name})" if path else ""
         raise BundleMismatchError(
-            f"bundle is for slide {prediction.slide_id} ({prediction.slide_name}), not {slide_id}"
+            f"bundle is for slide {prediction.slide_id} ({prediction.slide_name}), not {slide_id}{this}"
         )
 
 
@@ -203,7 +209,10 @@ def write_bundle(prediction: Prediction, out_dir: str | os.PathLike, *, geojson:
     parent = out.parent
     parent.mkdir(parents=True, exist_ok=True)
     fresh = not out.exists()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent if fresh else out))
+    # os.mkdir, not mkdtemp: the bundle gets the user's umask (mkdtemp's 0700 would hide it
+    # from colleagues on a shared server)
+    tmp = (parent if fresh else out) / f".{out.name}.tmp-{uuid.uuid4().hex}"
+    tmp.mkdir()
     try:
         prediction.patches.to_csv(tmp / PATCHES_CSV, index=False)
         (tmp / ATTENTION_GEOJSON).write_text(json.dumps(geojson, allow_nan=False), encoding="utf-8")

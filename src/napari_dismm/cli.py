@@ -111,6 +111,17 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def require_output_dir(path: Path, *, flag: str = "--out") -> Path:
+    """An output directory argument: refuse an existing file (or a file on its way) up front."""
+    for parent in (path, *path.parents):
+        if parent.exists() and not parent.is_dir():
+            what = "names an existing file" if parent == path else f"is inside {parent}, which is a file"
+            raise DismmError(f"{flag} {path} {what}; give a directory")
+        if parent.exists():
+            break
+    return path
+
+
 def _fail(error: Exception) -> int:
     message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     print(f"dismm: error: {message}", file=sys.stderr)
@@ -137,6 +148,7 @@ def _view(args: argparse.Namespace) -> int:
 def _extract(args: argparse.Namespace) -> int:
     from napari_dismm.features.cohort import extract_cohort
 
+    require_output_dir(args.out)
     summary = extract_cohort(
         inputs=args.inputs, out_dir=args.out, encoder=args.encoder, weights=args.weights,
         scheduler=args.scheduler, progress=True,
@@ -152,19 +164,22 @@ def _extract(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from napari_dismm.predict import features_by_magnification, predict_features, predict_slide
 
-    progress = _stage_printer()
-    if all(path.suffix.lower() in (".h5", ".hdf5") for path in args.inputs):
-        prediction = predict_features(
-            features=features_by_magnification(args.inputs), model_dir=args.model, out_dir=args.out,
-            device=args.device, progress=progress,
-        )
-    elif len(args.inputs) == 1:
-        prediction = predict_slide(
-            slide_path=args.inputs[0], model_dir=args.model, out_dir=args.out, device=args.device,
-            mpp=args.mpp, features_dir=args.features_dir, progress=progress, encoder_weights=args.weights,
-        )
-    else:
-        raise DismmError("give one slide, or feature files (.h5) only")
+    progress = _StageReporter(bar_for="encode")
+    try:
+        if all(path.suffix.lower() in (".h5", ".hdf5") for path in args.inputs):
+            prediction = predict_features(
+                features=features_by_magnification(args.inputs), model_dir=args.model, out_dir=args.out,
+                device=args.device, progress=progress,
+            )
+        elif len(args.inputs) == 1:
+            prediction = predict_slide(
+                slide_path=args.inputs[0], model_dir=args.model, out_dir=args.out, device=args.device,
+                mpp=args.mpp, features_dir=args.features_dir, progress=progress, encoder_weights=args.weights,
+            )
+        else:
+            raise DismmError("give one slide, or feature files (.h5) only")
+    finally:
+        progress.close()
     if prediction.task == "classification":
         summary = f"{prediction.predicted_class} (p = {max(prediction.probabilities):.2f})"
     else:
@@ -173,16 +188,34 @@ def _predict(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _stage_printer():
-    """Progress on stderr: one line each time a stage starts."""
-    seen: set[str] = set()
+class _StageReporter:
+    """Progress on stderr: one line each time a stage starts, and for the stage ``bar_for``
+    (the patch encoding of `dismm predict`, the long one) a bar with the elapsed time and an
+    ETA. ``close()`` ends the bar, so an error line starts on a line of its own."""
 
-    def report(stage: str, fraction: float) -> None:
-        if stage not in seen:
-            seen.add(stage)
+    STEPS = 1000
+
+    def __init__(self, bar_for: str | None = None) -> None:
+        self.bar_for, self.bar, self.seen = bar_for, None, set()
+
+    def __call__(self, stage: str, fraction: float) -> None:
+        if stage == self.bar_for:
+            if self.bar is None:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=self.STEPS, desc=f"dismm: {stage} patches", file=sys.stderr, dynamic_ncols=True,
+                                bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
+            self.bar.update(max(0, round(fraction * self.STEPS) - self.bar.n))
+            return
+        self.close()
+        if stage not in self.seen:
+            self.seen.add(stage)
             print(f"dismm: {stage} ...", file=sys.stderr)
 
-    return report
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -204,7 +237,7 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"dismm demo: no display found; running headless, writing to {out}/", file=sys.stderr)
     prediction = predict_slide(
         slide_path=slide_path, model_dir="demo", out_dir=out / "bundle" if headless else None,
-        progress=_stage_printer(),
+        progress=_StageReporter(),
     )
     print(f"dismm demo: the demo model predicts {prediction.predicted_class} "
           f"(p = {max(prediction.probabilities):.2f}) from {len(prediction.patches)} patch rows")

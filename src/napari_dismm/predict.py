@@ -46,6 +46,8 @@ EXTRA_BIN_EDGES = "bin_edges"
 EXTRA_PATCH_SIZE = "patch_size"
 EXTRA_TRAINED_FOR = "trained_for"
 DEFAULT_PATCH_SIZE = 224
+#: the encoder name `dismm synth` writes into its feature files: no slide can give them
+SYNTHETIC_ENCODER = "synthetic"
 DEMO_MODEL_DIR = Path(__file__).parent / "data" / "demo_model"
 #: patches encoded between two polls of ``cancel`` on CPU (~0.1-0.2 s each on 2 loaded cores)
 CANCEL_CHUNK = 4
@@ -175,6 +177,12 @@ def predict_slide(
     slide_path = Path(slide_path)
     model, spec = load_for_prediction(model_dir, device=device)
     _refuse_without_genes(spec, genes)
+    if spec.encoder == SYNTHETIC_ENCODER:
+        raise ModelConfigError(
+            "this model was trained on `dismm synth` features, which are generated numbers, not patches of a "
+            "slide: it runs only on synthetic feature files (`dismm predict FEATURES_10x.h5 FEATURES_20x.h5 "
+            "--model ...`); to predict on slides, train on features from `dismm extract`"
+        )
     enc = resolve_encoder(spec.encoder, weights=encoder_weights, device=device)
     check_features_match(spec, encoder=enc.name, dim=enc.dim, where="the encoder gives",
                          weights_hash=enc.weights_hash, preprocessing=getattr(enc, "preprocessing", None))
@@ -186,7 +194,7 @@ def predict_slide(
     params = TissueParams()
     with open_slide(slide_path, mpp=mpp) as slide:
         info, mpp0 = slide.info, slide.require_mpp()
-        mask = require_tissue(detect_tissue(slide, params=params))
+        mask = require_tissue(detect_tissue(slide, params=params), name=slide_path.name)
         todo = 0  # patches still to encode, for the progress fraction
         for mag in spec.magnifications:
             key = cache_key(slide_id=info.slide_id, slide_mpp=mpp0, encoder=enc.name, weights_hash=enc.weights_hash,
@@ -263,7 +271,8 @@ def features_by_magnification(paths: Sequence[str | Path]) -> dict[float, Path]:
     for path in map(Path, paths):
         mag = read_features(path).target_magnification
         if mag is None:
-            raise FeatureFileError(f"{path.name} does not record its magnification; pass {{'20x': path}} instead")
+            raise FeatureFileError(f"{path.name} does not record its magnification (no target_magnification "
+                                   "attribute); re-extract it with `dismm extract`")
         if mag in found:
             raise FeatureFileError(f"{found[mag].name} and {path.name} are both {mag:g}x features")
         found[mag] = path
@@ -277,12 +286,13 @@ def _predict_from_files(model, spec: ModelSpec, files: dict[str, Path], *, genes
                         timings: dict[str, float], slide, contours) -> Prediction:
     import torch
 
-    from napari_dismm.features.h5 import read_features
+    from napari_dismm.features.h5 import check_geometry, read_features
 
     t0 = time.perf_counter()
     loaded = {}
     for mag, path in files.items():
         ff = read_features(path)
+        check_geometry(ff, where=f"feature file {Path(path).name}")
         check_features_match(spec, encoder=ff.encoder, dim=ff.dim, where=f"feature file {Path(path).name} has",
                              weights_hash=ff.encoder_weights_hash, preprocessing=ff.encoder_preprocessing)
         loaded[mag] = ff
@@ -290,7 +300,8 @@ def _predict_from_files(model, spec: ModelSpec, files: dict[str, Path], *, genes
     slide_id, name, mpp0, size = slide if slide is not None else _slide_from_files(loaded)
     for mag, ff in loaded.items():
         if ff.slide_id and slide_id and ff.slide_id != slide_id:
-            raise FeatureFileError(f"feature file {files[mag].name} is for slide {ff.slide_id}, not {slide_id}")
+            raise FeatureFileError(f"feature file {files[mag].name} is for slide {ff.name or '?'} "
+                                   f"(id {ff.slide_id[:16]}), not {name} (id {slide_id[:16]})")
     present = [m for m in spec.magnifications if m in loaded and loaded[m].n_patches > 0]
     if not present:
         raise SlideError(f"{name}: no patch with enough tissue at {', '.join(spec.magnifications)}; nothing to predict")
@@ -320,7 +331,7 @@ def _predict_from_files(model, spec: ModelSpec, files: dict[str, Path], *, genes
         slide_id=slide_id, slide_name=name, model_id=spec.model_id, model_kind=spec.kind, task=spec.task,
         class_names=list(spec.class_names), probabilities=probabilities, predicted_class=predicted, risk=risk,
         survival=survival, bin_edges=spec.bin_edges, trained_for=spec.trained_for, mpp=mpp0, level0_size=size,
-        patches=patches, tissue_contours=contours, timings=timings,
+        patches=patches, tissue_contours=contours, timings=timings, **_tile_counts(loaded.values()),
     )
 
 
@@ -352,6 +363,15 @@ def _patch_rows(out, mag: str, ff, spec: ModelSpec, mpp0: float | None) -> pd.Da
     return frame.loc[:, list(PATCH_COLUMNS)]
 
 
+def _tile_counts(files) -> dict[str, int | None]:
+    """Unreadable and read tiles summed over the feature files (None if any lacks them)."""
+    files = list(files)
+    if any(ff.tiles_read is None or ff.unreadable_tiles is None for ff in files):
+        return {"unreadable_tiles": None, "tiles_read": None}
+    return {"unreadable_tiles": sum(ff.unreadable_tiles for ff in files),
+            "tiles_read": sum(ff.tiles_read for ff in files)}
+
+
 def _slide_from_files(loaded: dict) -> tuple[str, str, float | None, tuple[int, int] | None]:
     ff = next(iter(loaded.values()))
     size = (int(ff.level0_width), int(ff.level0_height)) if ff.level0_width and ff.level0_height else None
@@ -365,8 +385,8 @@ def _slide_from_files(loaded: dict) -> tuple[str, str, float | None, tuple[int, 
 def _refuse_without_genes(spec: ModelSpec, genes) -> None:
     if spec.kind in NEEDS_GENES and genes is None:
         raise ModelConfigError(
-            f"a {spec.kind} model needs the patient's gene expression; predict from the slide alone "
-            "with the WSI-only student (or pass genes={'tumor': ..., 'tme': ...})"
+            f"a {spec.kind} model needs the patient's gene expression, which `dismm predict` does not take; "
+            "predict from the slide alone with the WSI-only student of the same run (RUN/student/fold_k/best)"
         )
 
 

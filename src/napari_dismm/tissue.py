@@ -167,14 +167,15 @@ class TissueMask:
         return float(self.fractions_in(np.array([[x0, y0, w0, h0]]))[0])
 
 
-def require_tissue(mask: TissueMask) -> TissueMask:
-    """Raise the caller-facing error for a slide where no tissue was found."""
+def require_tissue(mask: TissueMask, *, name: str | None = None) -> TissueMask:
+    """Raise the caller-facing error for a slide where no tissue was found; ``name`` (the
+    slide's file name) names it, else its id."""
     if mask.empty:
-        name = mask.slide_id or "<slide>"
+        name = name or mask.slide_id or "<slide>"
         raise SlideError(
             f"no tissue found in {name}: the detector kept no region "
-            f"(saturation threshold {mask.threshold:.3f}); check the slide or lower "
-            "the saturation threshold / minimum tissue area"
+            f"(saturation threshold {mask.threshold:.3f}); check that the slide shows stained tissue "
+            "(blank, pen-only or very faint scans have none)"
         )
     return mask
 

@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _start(root: Path, out: Path) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO}"}
     return subprocess.Popen([sys.executable, "-c", DRIVER, str(root), str(out), json.dumps(CONFIG)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 

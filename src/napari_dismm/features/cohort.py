@@ -6,23 +6,34 @@ reported as it happens and summarised at the end; ``CohortSummary.ok`` is False 
 each slide is one task on the cluster and the workers build their own encoder once per
 process; the files are the same as a local run's (bit for bit with the same torch thread
 count: dask workers default to one). ``OUT/manifest.csv`` lists every slide, magnification
-and file, and can seed a cohort CSV.
+and file ever extracted into OUT (a run replaces the rows of its own slides; paths are
+relative to OUT), and can seed a cohort CSV.
+
+Several `dismm extract` processes may share one OUT (on one machine or a shared file
+system): each slide is extracted under an exclusive lock (``OUT/.locks/<stem>.lock``,
+``flock``), so one process does a slide and the others move on, coming back to it at the
+end to report the finished files. The kernel releases the lock of a killed process, so a
+stale lock never blocks a slide.
 """
 
 from __future__ import annotations
 
 import csv
+import fcntl
 import io
+import os
+import socket
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from napari_dismm.errors import DismmError
 from napari_dismm.features.cache import magnification_label
-from napari_dismm.features.extract import SlideResult, extract_slide, resolve_encoder
+from napari_dismm.features.extract import SlideResult, check_options, extract_slide, resolve_encoder
 from napari_dismm.features.h5 import atomic_path
 
 
@@ -120,6 +131,7 @@ def extract_cohort(
     unknown = set(options) - _SLIDE_OPTIONS
     if unknown:
         raise DismmError(f"unknown extraction option(s): {', '.join(sorted(unknown))}")
+    check_options(**options)
     slides = collect_slides([inputs] if isinstance(inputs, (str, Path)) else inputs)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -131,9 +143,16 @@ def extract_cohort(
     bar = tqdm(total=len(slides), unit="slide", desc="extract", disable=not progress)
     with bar:
         if scheduler is None:
+            busy = []
             for path in slides:
-                outcome = _run_one(path, out_dir, local_encoder, None, device, options, progress)
+                outcome = _run_one(path, out_dir, local_encoder, None, device, options, progress, wait=False)
+                if outcome is None:  # another process holds it: do the others first
+                    busy.append(path)
+                    continue
                 _record(summary, outcome, bar)
+            for path in busy:
+                bar.write(f"dismm extract: {path.name}: another process is extracting it; waiting", file=sys.stderr)
+                _record(summary, _run_one(path, out_dir, local_encoder, None, device, options, progress), bar)
         else:
             _run_distributed(summary, slides, out_dir, encoder, weights, device, options, scheduler, bar)
     summary.results.sort(key=lambda r: r.slide.name)
@@ -149,20 +168,46 @@ _SLIDE_OPTIONS = {
 }
 
 
+@contextmanager
+def slide_lock(out_dir: Path, stem: str, *, wait: bool = True) -> Iterator[bool]:
+    """Hold ``OUT/.locks/<stem>.lock`` exclusively; yields False (without waiting) when
+    another process holds it and ``wait`` is False. The file stays (removing it would race
+    with a process that has just opened it); it names the holder's host and pid."""
+    locks = out_dir / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    fd = os.open(locks / f"{stem}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
+        yield True
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def _run_one(
-    path: Path, out_dir: Path, encoder: Any, weights: Any, device: str, options: dict, progress: bool
-) -> SlideResult | SlideFailure:
-    """One slide, its error turned into a SlideFailure (runs locally or on a dask worker).
+    path: Path, out_dir: Path, encoder: Any, weights: Any, device: str, options: dict, progress: bool,
+    wait: bool = True,
+) -> SlideResult | SlideFailure | None:
+    """One slide, its error turned into a SlideFailure (runs locally or on a dask worker);
+    None when another process holds the slide's lock and ``wait`` is False.
 
     Any exception from one slide is caught on purpose: a corrupt file deep in a cohort must
     not cost the other slides; the failure is reported with its type and message.
     """
     t0 = time.perf_counter()
     try:
-        return extract_slide(
-            slide_path=path, out_dir=out_dir, encoder=encoder, weights=weights, device=device,
-            progress=progress, **options,
-        )
+        with slide_lock(out_dir, path.stem, wait=wait) as held:
+            if not held:
+                return None
+            return extract_slide(
+                slide_path=path, out_dir=out_dir, encoder=encoder, weights=weights, device=device,
+                progress=progress, **options,
+            )
     except DismmError as error:
         return SlideFailure(path, _one_line(error), time.perf_counter() - t0)
     except Exception as error:  # noqa: BLE001 - reported per slide, see docstring
@@ -218,18 +263,54 @@ MANIFEST_COLUMNS = (
 
 
 def write_manifest(path: Path, summary: CohortSummary) -> Path:
-    """One row per slide and magnification (failures: one row per slide); atomic."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(MANIFEST_COLUMNS)
+    """Merge this run's rows into ``path`` (one row per slide and magnification, one per
+    failed slide): rows of the run's slides replace their earlier rows, other slides' rows
+    stay. Paths are relative to the manifest's folder (OUT), so OUT can be moved or shared.
+    Atomic, and serialised between processes by a lock beside it."""
+    root = path.parent.resolve()
+
+    def rel(p: Path) -> str:
+        return os.path.relpath(Path(p).resolve(), root)
+
+    rows: list[list[Any]] = []
     for r in summary.results:
         for o in r.outputs:
-            writer.writerow([
-                r.slide.stem, str(r.slide), r.slide_id, magnification_label(o.magnification), str(o.path),
+            rows.append([
+                r.slide.stem, rel(r.slide), r.slide_id, magnification_label(o.magnification), rel(o.path),
                 o.n_patches, "skipped" if o.skipped else "done", f"{o.seconds:.2f}", "",
             ])
     for f in summary.failed:
-        writer.writerow([f.slide.stem, str(f.slide), "", "", "", 0, "failed", f"{f.seconds:.2f}", f.error])
-    with atomic_path(path) as tmp:
-        tmp.write_text(buffer.getvalue(), encoding="utf-8")
+        rows.append([f.slide.stem, rel(f.slide), "", "", "", 0, "failed", f"{f.seconds:.2f}", f.error])
+    ours = {row[0] for row in rows}
+    with _file_lock(path.with_name(f".{path.name}.lock")):
+        kept = [row for row in _read_manifest(path) if row[0] not in ours]
+        merged = sorted(kept + rows, key=lambda row: (str(row[0]), str(row[3])))
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(MANIFEST_COLUMNS)
+        writer.writerows(merged)
+        with atomic_path(path) as tmp:
+            tmp.write_text(buffer.getvalue(), encoding="utf-8")
     return path
+
+
+def _read_manifest(path: Path) -> list[list[str]]:
+    """Rows of an existing manifest with our columns; anything else is not ours to keep."""
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.reader(handle)
+            if next(reader, None) != list(MANIFEST_COLUMNS):
+                return []
+            return [row for row in reader if len(row) == len(MANIFEST_COLUMNS)]
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return []
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

@@ -39,6 +39,9 @@ from napari_dismm.features.cache import (
 from napari_dismm.features.h5 import FeatureFile, read_coords, write_features
 
 DEFAULT_MAGNIFICATIONS: tuple[str, ...] = ("10x", "20x")
+#: Above this share of unreadable (corrupt) slide tiles, no feature file is written: the
+#: patches would be mostly background and a prediction from them meaningless.
+MAX_UNREADABLE_SHARE = 0.05
 
 
 @dataclass(frozen=True)
@@ -132,8 +135,9 @@ def extract_slide(
             if cached(path, key):
                 outputs.append(MagnificationResult(mag, path, len(read_coords(path)), True, 0.0))
                 continue
+            bad_before, read_before = slide.tile_counts()
             if mask is None:  # once per slide, shared by the magnifications
-                mask = require_tissue(detect_tissue(slide, params=params))
+                mask = require_tissue(detect_tissue(slide, params=params), name=slide_path.name)
             grid = make_grid(
                 slide, target_mpp=magnification_to_mpp(mag), patch_size=patch_size, overlap=overlap,
                 tissue=mask, min_tissue=min_tissue,
@@ -150,6 +154,9 @@ def extract_slide(
                 features = encode_grid(
                     slide, grid, enc, batch_size=batch_size, num_workers=num_workers, progress=progress, desc=desc
                 )
+            bad_now, read_now = slide.tile_counts()
+            bad, read = bad_now - bad_before, read_now - read_before
+            check_unreadable(slide_path.name, bad, read)
             w0, h0 = info.level_dimensions[0]
             write_features(
                 path,
@@ -161,11 +168,19 @@ def extract_slide(
                     encoder_weights_hash=enc.weights_hash, slide_id=info.slide_id,
                     encoder_preprocessing=getattr(enc, "preprocessing", None),
                     tissue_params=tissue_params_dict(params), min_tissue=min_tissue, cache_key=key,
+                    unreadable_tiles=bad, tiles_read=read,
                 ),
             )
             outputs.append(MagnificationResult(mag, path, len(grid), False, time.perf_counter() - t0))
         slide_id = info.slide_id
     return SlideResult(slide_path, slide_id, tuple(outputs), time.perf_counter() - started)
+
+
+def check_unreadable(name: str, bad: int, read: int) -> None:
+    """SlideError when more than :data:`MAX_UNREADABLE_SHARE` of the tiles read were corrupt."""
+    if read and bad / read > MAX_UNREADABLE_SHARE:
+        raise SlideError(f"{name}: {bad} of {read} tiles read are unreadable (corrupt), more than "
+                         f"{MAX_UNREADABLE_SHARE:.0%}; features would be mostly background, so none are written")
 
 
 def encode_grid(
@@ -246,6 +261,36 @@ def _tissue_params(value: Any, cls: type) -> Any:
         except TypeError as error:
             raise DismmError(f"bad tissue parameters: {error}") from None
     return value
+
+
+def check_options(*, magnifications: Sequence[str | float] = DEFAULT_MAGNIFICATIONS, mpp: float | None = None,
+                  min_tissue: float = 0.25, batch_size: int | None = None, num_workers: int = 2, patch_size: int = 224,
+                  overlap: int = 0, threads: int | None = None, **_: Any) -> None:
+    """Numeric options that would fail every slide, refused once before any slide (or the
+    output folder) is touched; messages name the `dismm extract` flag."""
+    import math
+
+    from napari_dismm.slide.info import check_user_mpp
+
+    try:
+        _unique_magnifications(magnifications)
+    except DismmError as error:
+        raise DismmError(f"--magnifications: {error}") from None
+    try:
+        check_user_mpp(mpp)
+    except DismmError:
+        raise DismmError(f"--mpp must be a positive number of µm per pixel, got {mpp!r}") from None
+    if isinstance(min_tissue, bool) or not isinstance(min_tissue, (int, float)) or not (
+            math.isfinite(min_tissue) and 0.0 <= min_tissue <= 1.0):
+        raise DismmError(f"--min-tissue is a fraction of the patch, from 0 to 1; got {min_tissue!r}")
+    for flag, value, lowest in (("--batch-size", 1 if batch_size is None else batch_size, 1),
+                                ("--workers", num_workers, 0), ("patch size", patch_size, 1), ("overlap", overlap, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+            raise DismmError(f"{flag} must be an integer >= {lowest}, got {value!r}")
+    if overlap >= patch_size:
+        raise DismmError(f"overlap ({overlap}) must be smaller than the patch size ({patch_size})")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise DismmError(f"threads must be an integer >= 1, got {threads!r}")
 
 
 def _unique_magnifications(values: Sequence[str | float]) -> list[float]:

@@ -68,6 +68,10 @@ class FeatureFile:
     tissue_params: dict[str, Any] | None = None
     min_tissue: float | None = None
     cache_key: str | None = None
+    unreadable_tiles: int | None = None
+    """Native slide tiles that could not be decoded (read as background) while making the file."""
+    tiles_read: int | None = None
+    """Native slide tiles read while making the file (the denominator of the above)."""
     source_format: str = "dismm"
     """How the file was recognised on reading: dismm, trident, clam or bare."""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -171,6 +175,8 @@ def _write_into(h5: h5py.File, ff: FeatureFile) -> None:
         root["tissue_params"] = json.dumps(ff.tissue_params, sort_keys=True)
     _set(root, "min_tissue", ff.min_tissue)
     _set(root, "cache_key", ff.cache_key)
+    _set(root, "unreadable_tiles", ff.unreadable_tiles)
+    _set(root, "tiles_read", ff.tiles_read)
 
 
 def _set(attrs: h5py.AttributeManager, key: str, value: Any) -> None:
@@ -209,6 +215,48 @@ def read_features(path: str | os.PathLike) -> FeatureFile:
         r_attrs = _attrs(h5.attrs)
     features, coords = _check_arrays(features, coords, where=str(path))
     return _interpret(features, coords, c_attrs, f_attrs, r_attrs)
+
+
+def scan_features(path: str | os.PathLike, *, rows_per_read: int = 4096) -> tuple[int, int]:
+    """(N, D) of a feature file after every check ``read_features`` and ``check_geometry``
+    make, reading the features in blocks of rows so a cohort is checked in bounded memory.
+    Why: a training run must refuse a broken file before it writes anything, not when the
+    file's bag is first loaded mid-fold."""
+    path = Path(path)
+    if not path.is_file():
+        raise FeatureFileError(f"feature file not found: {path}")
+    try:
+        h5 = h5py.File(path, "r")
+    except OSError as error:
+        raise FeatureFileError(f"not a readable h5 feature file: {path} ({error})") from None
+    with h5:
+        for key in ("features", "coords"):
+            if key not in h5 or not isinstance(h5[key], h5py.Dataset):
+                found = ", ".join(sorted(h5.keys())) or "nothing"
+                raise FeatureFileError(f"{path}: no '{key}' dataset (found {found})")
+        data = h5["features"]
+        shape = data.shape[1:] if data.ndim == 3 and data.shape[0] == 1 else data.shape
+        if len(shape) != 2:
+            raise FeatureFileError(f"{path}: features must be (N, D), got shape {data.shape}")
+        if data.dtype.kind not in "fiu":
+            raise FeatureFileError(f"{path}: features must be numeric, got dtype {data.dtype}")
+        coords = _as_coords(h5["coords"][()], where=str(path))
+        n, d = int(shape[0]), int(shape[1])
+        if coords.shape[0] != n:
+            raise FeatureFileError(f"{path}: {n} feature rows but {coords.shape[0]} coordinates")
+        if data.dtype.kind == "f":
+            for start in range(0, n, rows_per_read):
+                rows = slice(start, start + rows_per_read)
+                block = data[0, rows] if data.ndim == 3 else data[rows]
+                finite = np.isfinite(block)
+                if not finite.all():
+                    raise FeatureFileError(f"{path}: feature row {start + int(np.flatnonzero(~finite.all(axis=1))[0])} "
+                                           "contains NaN or infinity")
+        c_attrs = _attrs(h5["coords"].attrs)
+    check_geometry(FeatureFile(np.zeros((n, 0), np.float32), coords,
+                               level0_width=_int_or_none(c_attrs.get("level0_width")),
+                               level0_height=_int_or_none(c_attrs.get("level0_height"))), where=str(path))
+    return n, d
 
 
 def read_coords(path: str | os.PathLike) -> np.ndarray:
@@ -291,6 +339,8 @@ def _interpret(
         tissue_params=json.loads(tissue) if isinstance(tissue, str) else None,
         min_tissue=_float_or_none(r_attrs.get("min_tissue")),
         cache_key=_str_or_none(r_attrs.get("cache_key")),
+        unreadable_tiles=_int_or_none(r_attrs.get("unreadable_tiles")),
+        tiles_read=_int_or_none(r_attrs.get("tiles_read")),
         source_format=source,
         extra=extra,
     )
@@ -331,6 +381,31 @@ def _check_arrays(features: Any, coords: Any, *, where: str) -> tuple[np.ndarray
         bad = int((~np.isfinite(features)).any(axis=1).sum())
         raise FeatureFileError(f"{where}: {bad} feature rows contain NaN or infinity")
     return features, coords
+
+
+def check_geometry(ff: FeatureFile, *, where: str) -> None:
+    """Coordinates a slide can have: not negative, no patch twice, inside the recorded
+    level-0 size. A file that breaks these was not made by a tiler (or was edited), and a
+    bundle drawn from it would put attention where no patch was."""
+    coords = ff.coords
+    if not len(coords):
+        return
+    if (coords < 0).any():
+        bad = int((coords < 0).any(axis=1).sum())
+        lowest = coords.min(axis=0).tolist()
+        raise FeatureFileError(f"{where}: {bad} patch(es) at negative coordinates (lowest x, y: {lowest})")
+    unique = len(np.unique(coords, axis=0))
+    if unique < len(coords):
+        raise FeatureFileError(
+            f"{where}: {len(coords) - unique} of {len(coords)} patches repeat another patch's coordinates"
+        )
+    if ff.level0_width and ff.level0_height:
+        outside = (coords[:, 0] >= ff.level0_width) | (coords[:, 1] >= ff.level0_height)
+        if outside.any():
+            raise FeatureFileError(
+                f"{where}: {int(outside.sum())} patch(es) start outside the slide's "
+                f"{ff.level0_width} x {ff.level0_height} px"
+            )
 
 
 def _as_coords(coords: Any, *, where: str) -> np.ndarray:

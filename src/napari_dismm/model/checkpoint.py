@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from napari_dismm.errors import DismmWarning, ModelConfigError
@@ -77,9 +77,9 @@ def _strict(value: Any) -> Any:
 
 
 def _atomic_path(directory: Path, name: str) -> Path:
-    handle, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-    os.close(handle)
-    return Path(tmp)
+    """A fresh temp name beside ``name``; the file is created by a plain open(), so the
+    umask applies (mkstemp's and safetensors' 0600 would hide a model from colleagues)."""
+    return directory / f".{name}.{uuid.uuid4().hex}.tmp"
 
 
 def save_model(model: nn.Module, directory: str | os.PathLike, *, extra: dict[str, Any] | None = None) -> str:
@@ -94,7 +94,7 @@ def save_model(model: nn.Module, directory: str | os.PathLike, *, extra: dict[st
     tmp_weights = _atomic_path(directory, WEIGHTS)
     tmp_config = _atomic_path(directory, CONFIG)
     try:
-        save_file(state, str(tmp_weights), metadata={"format": "pt"})
+        tmp_weights.write_bytes(save(state, metadata={"format": "pt"}))  # open(): the umask applies
         model_id = weights_id(tmp_weights)
         document = {**extra, "model": config_to_dict(model.config), "model_id": model_id, "format_version": FORMAT_VERSION}
         tmp_config.write_text(json.dumps(_strict(document), indent=2, allow_nan=False, default=_jsonable))

@@ -161,8 +161,8 @@ def build_gene_sets(sets: Iterable[GeneSet], *, mapping: Mapping[str, str] | Non
     for sub in SUBSPACES:
         if sub not in set_subspace.values():
             raise DataError(
-                f"no gene set is assigned to the {sub} subspace: name sets TUMOR_* / TME_* "
-                "or pass a mapping {set name or glob: 'tumor' | 'tme'}"
+                f"no gene set is assigned to the {sub} subspace: name the GMT's sets TUMOR_... and TME_... "
+                "(e.g. TUMOR_MYC_TARGETS, TME_IMMUNE)"
             )
 
     lists: dict[str, list[str]] = {"tumor": [], "tme": []}
@@ -175,6 +175,16 @@ def build_gene_sets(sets: Iterable[GeneSet], *, mapping: Mapping[str, str] | Non
             overlaps[spelling] = chosen
         lists[chosen].append(spelling)
         sources[spelling] = tuple(where["tumor"] + where["tme"])
+    for sub in SUBSPACES:
+        if not lists[sub]:
+            other = "tme" if sub == "tumor" else "tumor"
+            named = sorted(n for n, v in set_subspace.items() if v == sub)
+            raise DataError(
+                f"every gene of the {sub.upper()} set(s) {', '.join(named[:3])}{' ...' if len(named) > 3 else ''} "
+                f"is also in a {other.upper()} set, and the overlap rule (a shared gene goes to the side with more "
+                f"sets containing it, ties to tumor) moved all {len([g for g, c in overlaps.items() if c == other])} "
+                f"to the {other} side: the {sub} vector would be empty; give the {sub.upper()} sets genes of their own"
+            )
     return GeneSets(
         tumor=tuple(sorted(lists["tumor"])),
         tme=tuple(sorted(lists["tme"])),

@@ -28,6 +28,31 @@ from .pixels import ALPHA_ASSOCIATED, ALPHA_NONE, ALPHA_UNASSOCIATED, composite,
 MAX_SEGMENT_BYTES = 64 * 2**20
 #: Raw bytes of the smallest level hashed for the content id (files OpenSlide cannot open).
 HASH_BYTES_CAP = 64 * 2**20
+#: Bounds of a plausible slide, checked on the header before any pixel is read: the largest
+#: glass slide (75 x 50 mm) at 0.1 µm/px is 750 000 px; a header beyond these is corrupt or
+#: forged, and serving it would mean minutes of reading background.
+MAX_SIDE_PX = 1_000_000
+MAX_LEVELS = 40
+MAX_TILES_PER_LEVEL = 2**24
+
+
+def check_level_count(count: int, *, name: str) -> None:
+    if count > MAX_LEVELS:
+        raise SlideError(f"{name}: the header declares {count} pyramid levels (at most {MAX_LEVELS} "
+                         "are plausible); the file is corrupt")
+
+
+def check_plausible(levels: list[LevelGeometry], *, name: str) -> None:
+    """SlideError (one line) for a declared size, level count or tile count no slide has."""
+    check_level_count(len(levels), name=name)
+    for i, g in enumerate(levels):
+        if g.width < 1 or g.height < 1 or max(g.width, g.height) > MAX_SIDE_PX:
+            raise SlideError(f"{name}: the header declares level {i} as {g.width} x {g.height} px "
+                             f"(plausible: 1 to {MAX_SIDE_PX} px a side); the file is corrupt")
+        tiles = -(-g.width // max(1, g.tile_width)) * -(-g.height // max(1, g.tile_height))
+        if g.tile_width < 1 or g.tile_height < 1 or tiles > MAX_TILES_PER_LEVEL:
+            raise SlideError(f"{name}: the header declares {tiles} tiles of {g.tile_width} x {g.tile_height} px "
+                             f"at level {i} (at most {MAX_TILES_PER_LEVEL} are plausible); the file is corrupt")
 
 
 @contextlib.contextmanager
@@ -98,7 +123,14 @@ class _TiffLevel:
                     "lazily; convert it to a tiled pyramid (e.g. `vips tiffsave in out.tif --tile --pyramid`)"
                 )
         self.geometry = LevelGeometry(width, height, tw, th)
+        check_plausible([self.geometry], name=Path(page.parent.filehandle.path).name)
         self.n_across = -(-width // tw)
+        declared = self.n_across * -(-height // th)
+        if len(self.offsets) < declared or len(self.counts) < declared:
+            raise SlideError(
+                f"{Path(page.parent.filehandle.path).name}: the header declares {width} x {height} px in "
+                f"{declared} tiles but stores {len(self.offsets)} tile offsets; the file is corrupt"
+            )
         extras = tuple(int(e) for e in (page.extrasamples or ()))
         alpha = ALPHA_NONE
         if extras and extras[0] in (ALPHA_ASSOCIATED, ALPHA_UNASSOCIATED):
@@ -147,6 +179,7 @@ class TiffSource:
             raise UnsupportedLayout("no image series")
         series = self._tif.series[0]
         levels = []
+        check_level_count(len(series.levels), name=Path(self._tif.filehandle.path).name)
         for level in series.levels:
             axes = level.axes.replace("Q", "")
             if axes not in ("YX", "YXS"):
@@ -157,6 +190,7 @@ class TiffSource:
             levels.append(_TiffLevel(level.keyframe, frame, background))
         if not levels:
             raise UnsupportedLayout("no levels")
+        check_plausible([lv.geometry for lv in levels], name=Path(self._tif.filehandle.path).name)
         return levels
 
     def _check_truncation(self) -> None:

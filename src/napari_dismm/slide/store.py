@@ -86,6 +86,7 @@ class SlideStore(Store):
         self._warned = False
         self._warn_lock = threading.Lock()
         self.bad_tiles: list[tuple[int, int, int]] = []
+        self.tiles_read = 0  # native tiles decoded (or tried), bad ones included
         self._meta = {"zarr.json": self._json({"zarr_format": 3, "node_type": "group", "attributes": {}})}
         for level, (g, (cw, ch)) in enumerate(zip(self._levels, self._chunks, strict=True)):
             self._meta[f"{level}/zarr.json"] = self._json(
@@ -139,6 +140,7 @@ class SlideStore(Store):
             hit, value = self._cache.get(key)
             if hit:
                 return value
+        self.tiles_read += 1  # a racy += only undercounts a progress figure, never a result
         try:
             value = self._source.read_tile(level, tx, ty)
         except Exception as exc:  # noqa: BLE001 - codecs raise many types; napari must survive

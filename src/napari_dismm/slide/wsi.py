@@ -23,7 +23,7 @@ import numpy as np
 from ..errors import SlideError, UnknownMppError
 from .detect import has_tiff_magic
 from .info import CONTENT_HASH_PREFIX, SlideInfo, check_user_mpp, parse_float, parse_hex_colour, resolve_mpp
-from .sources import OpenSlideSource, TiffSource, UnsupportedLayout
+from .sources import OpenSlideSource, TiffSource, UnsupportedLayout, check_level_count, check_plausible
 from .store import SlideStore
 
 # Vendors whose TIFF pages tifffile reads exactly like OpenSlide at level 0.
@@ -55,6 +55,11 @@ class Slide:
         w, h = self.info.dimensions
         name, levels, backend = Path(self.info.path).name, self.info.level_count, self.info.backend
         return f"Slide({name!r}, {w}x{h}, levels={levels}, backend={backend})"
+
+    def tile_counts(self) -> tuple[int, int]:
+        """(unreadable, read) native tiles since the slide was opened: unreadable ones are
+        served as background, so callers judge whether what they computed still means much."""
+        return len(self._store.bad_tiles), self._store.tiles_read
 
     # -- metadata helpers -----------------------------------------------------------------
     def require_mpp(self) -> float:
@@ -170,7 +175,9 @@ def open_slide(path: str | os.PathLike, *, mpp: float | None = None, backend: st
             raise SlideError(f"tifffile cannot serve {p.name} ({tiff_error or 'not a TIFF'})")
         if source is None and osr is not None:
             background = parse_hex_colour(osr.properties.get("openslide.background-color"))
+            check_level_count(int(osr.level_count), name=p.name)
             source = OpenSlideSource(osr, background=background)
+            check_plausible(source.levels, name=p.name)
         if source is None:
             reason = tiff_error or os_error or "unknown format"
             if has_tiff_magic(p):

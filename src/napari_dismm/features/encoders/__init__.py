@@ -59,8 +59,8 @@ def encoder_from_recipe(
         weights = shipped_weights_path()
     if weights is None and not allow_random:
         raise ModelConfigError(
-            f"encoder {recipe.name!r} needs a local weight file (weights=...: {recipe.weights}); "
-            "nothing is downloaded, and random weights are only used with allow_random=True"
+            f"encoder {recipe.name!r} needs a local weight file: --weights FILE ({recipe.weights}); nothing is "
+            "downloaded (random weights, for tests only, with allow_random=True from Python)"
         )
     if weights is None:
         with torch.random.fork_rng(devices=[]):
