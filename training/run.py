@@ -27,7 +27,7 @@ import pandas as pd
 
 from napari_dismm.errors import DataError
 from training.cohort import Cohort, load_cohort
-from training.config import TrainConfig, config_to_toml, load_config
+from training.config import DEV_WEIGHT_ON, TrainConfig, config_to_toml, load_config
 from training.dataset import BagCache
 from training.engine import progress_bars
 from training.ddp import SINGLE, DistContext, barrier
@@ -58,8 +58,11 @@ class ModelSpec:
         return self.kind not in ("abmil", *MIRROR_MODELS)
 
 
+#: the teacher with one component switched away from the run's setting: a component on by
+#: default gets its "no_" row, one off by default its "with" row (``plan_models``)
 ABLATIONS = (ModelSpec("teacher_no_cgc", "teacher", cgc=False), ModelSpec("teacher_no_dev", "teacher", dev_weight=0.0),
-             ModelSpec("teacher_no_context", "teacher", spatial_context=0.0))
+             ModelSpec("teacher_no_context", "teacher", spatial_context=0.0),
+             ModelSpec("teacher_cgc", "teacher", cgc=True), ModelSpec("teacher_dev", "teacher", dev_weight=DEV_WEIGHT_ON))
 KNOWN = {"teacher": ModelSpec("teacher", "teacher"), "student": ModelSpec("student", "student"),
          "abmil": ModelSpec("abmil", "abmil"), "late_fusion": ModelSpec("late_fusion", "late_fusion"),
          "genes_only": ModelSpec("genes_only", "genes_only"),
@@ -74,7 +77,7 @@ def plan_models(cfg: TrainConfig, *, models: Sequence[str] | None = None, ablati
     """Models in training order (a student needs its teacher, so the teacher comes first)."""
     names = list(models) if models else ["teacher", "student", *cfg.baselines.run]
     if ablations:
-        names += [a.name for a in ABLATIONS]
+        names += [a.name for a in ABLATIONS if _differs(a, cfg)]
     unknown = [n for n in names if n not in KNOWN]
     if unknown:
         raise DataError(f"unknown model {unknown[0]!r}; choose from {', '.join(KNOWN)}")
@@ -82,6 +85,14 @@ def plan_models(cfg: TrainConfig, *, models: Sequence[str] | None = None, ablati
         names.insert(0, "teacher")
     order = {n: i for i, n in enumerate(KNOWN)}
     return [KNOWN[n] for n in sorted(dict.fromkeys(names), key=order.__getitem__)]
+
+
+def _differs(spec: ModelSpec, cfg: TrainConfig) -> bool:
+    """Whether an ablation's override changes the run's teacher (else it would repeat it)."""
+    t = cfg.teacher
+    return ((spec.cgc is not None and spec.cgc != t.cgc)
+            or (spec.dev_weight is not None and (spec.dev_weight > 0) != (t.dev_weight > 0))
+            or (spec.spatial_context is not None and (spec.spatial_context > 0) != (t.spatial_context > 0)))
 
 
 def _write_config(out: Path, cfg: TrainConfig) -> None:

@@ -103,6 +103,9 @@ def test_plan_models_orders_and_checks_names():
     cfg = config_from_dict({})
     assert [m.name for m in plan_models(cfg, models=["student"])] == ["teacher", "student"]
     assert [m.name for m in plan_models(cfg, models=["teacher"], ablations=True)] == [
-        "teacher", "teacher_no_cgc", "teacher_no_dev", "teacher_no_context"]
+        "teacher", "teacher_no_context", "teacher_cgc", "teacher_dev"]  # each component switched from its default
+    on = config_from_dict({"teacher": {"cgc": True, "dev_weight": 1e-3, "spatial_context": 0.0}})
+    assert [m.name for m in plan_models(on, models=["teacher"], ablations=True)] == [
+        "teacher", "teacher_no_cgc", "teacher_no_dev"]
     with pytest.raises(DataError, match="unknown model"):
         plan_models(cfg, models=["resnet"])

@@ -28,7 +28,8 @@ from training.run import fold_attention_auroc, run_training
 from training.splits import Split
 from training.synth import REGIMES, regime_config, write_synthetic_cohort
 
-MAP_MODELS = ("teacher", "student", "teacher_no_dev", "teacher_no_cgc", "teacher_no_context")
+MAP_MODELS = ("teacher", "student", "teacher_no_dev", "teacher_no_cgc", "teacher_no_context", "teacher_cgc",
+              "teacher_dev")
 
 
 def held_out_map_auroc(files, run: Path, model_name: str, task: str) -> dict[str, float]:

@@ -70,7 +70,7 @@ class TeacherConfig:
     spatial_context: float = 0.5
     gene_residual: bool = True
     slide_head: bool = True
-    gene_dropout: float = 0.5
+    gene_dropout: float = 0.25
     base_query: bool = True
 
     def __post_init__(self) -> None:
