@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 import numpy as np
@@ -35,6 +36,7 @@ import pandas as pd
 
 from napari_dismm.bundle import PATCH_COLUMNS
 from napari_dismm.errors import DismmError
+from napari_dismm.viewer.colormaps import overlay_colormap
 
 LayerData = tuple[Any, dict[str, Any], str]
 
@@ -47,7 +49,7 @@ SINGLE_MAP_NAMES = {"mirror": "[CLS]", "abmil": "ABMIL"}
 
 
 def attention_maps(model_kind: str | None) -> dict[str, tuple[str, str]]:
-    """Layer name prefix -> (patches.csv column, colormap) of the maps a model has."""
+    """Layer name prefix -> (patches.csv column, default colormap) of the maps a model has."""
     single = SINGLE_MAP_NAMES.get(str(model_kind))
     return SUBSPACES if single is None else {single: ("tumor_attention", "inferno")}
 NOTE = "Attention shows where the model looked; it is not evidence of disease."
@@ -250,8 +252,14 @@ def prediction_layer_data(
     normalisation: str = "percentile",
     smoothing: float = 0.0,
     magnification: str | None = None,
+    colormaps: Mapping[str, str] | None = None,
+    transparent_low: bool = True,
 ) -> list[LayerData]:
     """All overlay layers of one prediction, bottom to top.
+
+    ``colormaps``: subspace (``"tumor"``, ``"TME"``) -> a :data:`~.colormaps.PERCEPTUAL`
+    name, defaults per subspace; ``transparent_low``: the attention fades out towards the
+    bottom of the contrast range (`viewer.colormaps`), so the tissue stays visible.
 
     ``magnification``: None = the finest present (what a pathologist looks at first),
     ``"all"`` = every magnification (only the finest visible), or a label such as ``"10x"``.
@@ -286,13 +294,17 @@ def prediction_layer_data(
         for subspace, (column, colormap) in maps.items():
             raw = mean_grid(rows, rows[column].to_numpy(), grid)
             shown, limits = display_grid(raw, normalisation=normalisation, smoothing=smoothing)
+            # a single-map model's map takes the tumor map's colours
+            cmap_name = (colormaps or {}).get(subspace if subspace in SUBSPACES else "tumor", colormap)
             meta = {
                 **base, "dismm_kind": "attention", "subspace": subspace, "magnification": mag,
                 "raw": raw, "normalisation": normalisation, "smoothing": float(smoothing),
                 "grid_origin": grid.origin, "grid_step": grid.step, "note": NOTE,
+                "colormap_name": cmap_name, "transparent_low": bool(transparent_low),
             }
             layers.append((shown, {
-                "name": f"{subspace} attention {mag}", **place, "units": units, "colormap": colormap,
+                "name": f"{subspace} attention {mag}", **place, "units": units,
+                "colormap": overlay_colormap(cmap_name, transparent_low=transparent_low),
                 "contrast_limits": limits, "opacity": 0.6, "blending": "translucent",
                 "visible": visible and subspace == next(iter(maps)),
                 "interpolation2d": "nearest", "metadata": meta,

@@ -11,6 +11,8 @@ Why it is built this way:
 - Every user-caused error arrives as a one-line notification; the viewer never dies.
 - A second Run or another magnification refills the shown overlay layers (`layer_refill`):
   napari's cost of inserting a layer (~0.1 s each) is paid once per slide.
+- Attention fades out towards its low end (`viewer.colormaps`) in a perceptual colormap the
+  user picks per subspace, so the H&E stays visible; the only slide layer is pre-selected.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QTimer
 
 from napari_dismm.errors import DismmError
+from napari_dismm.viewer.colormaps import PERCEPTUAL, overlay_colormap
 from napari_dismm.viewer.layer_refill import pair_layers, refill, remember
 from napari_dismm.viewer.panel import PredictionPanel
 from napari_dismm.viewer.prediction_layers import NORMALISATIONS, display_grid, prediction_layer_data
@@ -145,14 +148,23 @@ def add_prediction_layers(viewer, prediction, *, normalisation: str = "percentil
     return add_layer_tuples(viewer, tuples, prediction=prediction)
 
 
-def restyle_attention(layers, *, normalisation: str, smoothing: float, opacity: float | None = None) -> None:
-    """Recompute attention layers' display values from their raw grids (small, so instant)."""
+def restyle_attention(layers, *, normalisation: str, smoothing: float, opacity: float | None = None,
+                      colormaps: dict[str, str] | None = None, transparent_low: bool | None = None) -> None:
+    """Recompute attention layers' display values from their raw grids (small, so instant);
+    ``colormaps`` (subspace -> name) and ``transparent_low`` recolour them."""
     for layer in layers:
         if layer.metadata.get("dismm_kind") == "attention":
             data, limits = display_grid(layer.metadata["raw"], normalisation=normalisation, smoothing=smoothing)
             layer.data = data
             layer.contrast_limits = limits
             layer.metadata.update(normalisation=normalisation, smoothing=float(smoothing))
+            subspace = layer.metadata.get("subspace")
+            name = (colormaps or {}).get(subspace if subspace == "TME" else "tumor", layer.metadata.get("colormap_name"))
+            fade = layer.metadata.get("transparent_low", True) if transparent_low is None else transparent_low
+            if name is not None and (name, fade) != (layer.metadata.get("colormap_name"),
+                                                     layer.metadata.get("transparent_low")):
+                layer.colormap = overlay_colormap(name, transparent_low=fade)
+                layer.metadata.update(colormap_name=name, transparent_low=bool(fade))
         if opacity is not None and layer.metadata.get("dismm_kind") in ("attention", "ita"):
             layer.opacity = opacity
 
@@ -192,13 +204,16 @@ class PredictionWidget(Container):
         self.normalisation = ComboBox(label="normalise", choices=list(NORMALISATIONS), value="percentile")
         self.smoothing = FloatSlider(label="smoothing", min=0.0, max=5.0, step=0.25, value=0.0)
         self.opacity = FloatSlider(label="opacity", min=0.0, max=1.0, step=0.05, value=0.6)
+        self.tumor_colormap = ComboBox(label="tumor colours", choices=list(PERCEPTUAL), value=PERCEPTUAL[0])
+        self.tme_colormap = ComboBox(label="TME colours", choices=list(PERCEPTUAL), value=PERCEPTUAL[1])
+        self.fade = CheckBox(text="fade low attention (tissue shows through)", value=True)
         self.open_button = PushButton(text="Open bundle…")
         self.export_button = PushButton(text="Export bundle…")
         self.png_button = PushButton(text="Save view as PNG…")
         self.extend([
             self.slide, self.model_dir, self.demo, self.device, self.run_button, self.cancel_button, self.status,
             self.magnification, self.normalisation, self.smoothing, self.opacity,
-            self.open_button, self.export_button, self.png_button,
+            self.tumor_colormap, self.tme_colormap, self.fade, self.open_button, self.export_button, self.png_button,
         ])
         self.panel = PredictionPanel()
         self.native.layout().addWidget(self.panel)
@@ -216,7 +231,8 @@ class PredictionWidget(Container):
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.cancel)
         self.demo.changed.connect(lambda on: setattr(self.model_dir, "enabled", not on))
-        for control in (self.normalisation, self.smoothing, self.opacity):
+        for control in (self.normalisation, self.smoothing, self.opacity, self.tumor_colormap, self.tme_colormap,
+                        self.fade):
             control.changed.connect(self._restyle)
         self.magnification.changed.connect(self._rebuild)
         self.open_button.changed.connect(self._ask_open_bundle)
@@ -234,6 +250,9 @@ class PredictionWidget(Container):
 
     def _layers_changed(self, event=None) -> None:
         self.slide.reset_choices()
+        slides = self._slide_choices()
+        if self.slide.value is None and len(slides) == 1:  # the only slide: nothing to choose
+            self.slide.value = slides[0][1]
         inserted = getattr(event, "value", None)
         if event is not None and event.type == "inserted":
             prediction = getattr(inserted, "metadata", {}).get("dismm_prediction")
@@ -268,8 +287,7 @@ class PredictionWidget(Container):
         self._progress_state = ("starting", 0.0)
         self._worker = self._make_worker(
             slide_path=layer.metadata["slide_path"], model=model, device=self.device.value,
-            normalisation=self.normalisation.value, smoothing=float(self.smoothing.value),
-            magnification=self._magnification(),
+            magnification=self._magnification(), **self._display(),
         )
         from napari.utils import progress
 
@@ -296,7 +314,7 @@ class PredictionWidget(Container):
             self._progress_state = (stage, float(fraction))
             reports.append((time.perf_counter(), stage, float(fraction)))
 
-        def job(*, slide_path, model, device, normalisation, smoothing, magnification):
+        def job(*, slide_path, model, device, magnification, **display):
             from napari_dismm.predict import Cancelled, predict_slide
 
             try:
@@ -304,7 +322,7 @@ class PredictionWidget(Container):
                                            batch_size=_batch_size(device), progress=report, cancel=cancel.is_set)
                 if cancel.is_set():
                     raise Cancelled("prediction cancelled")
-                tuples = prediction_layer_data(prediction, normalisation=normalisation, smoothing=smoothing,
+                tuples = prediction_layer_data(prediction, **display,
                                                magnification=_available(prediction, magnification, notes))
             except Cancelled:
                 self._cancelled_at = time.perf_counter()
@@ -390,12 +408,17 @@ class PredictionWidget(Container):
     def show_prediction(self, prediction) -> list[Layer]:
         """Add the overlays of an existing `Prediction` with the current display settings."""
         notes: list[str] = []
-        tuples = prediction_layer_data(prediction, normalisation=self.normalisation.value,
-                                       smoothing=float(self.smoothing.value),
+        tuples = prediction_layer_data(prediction, **self._display(),
                                        magnification=_available(prediction, self._magnification(), notes))
         for note in notes:
             show_warning(note)
         return self._show(prediction, tuples)
+
+    def _display(self) -> dict[str, Any]:
+        """The display settings of the attention layers, as `prediction_layer_data` takes them."""
+        return {"normalisation": self.normalisation.value, "smoothing": float(self.smoothing.value),
+                "colormaps": {"tumor": self.tumor_colormap.value, "TME": self.tme_colormap.value},
+                "transparent_low": bool(self.fade.value)}
 
     def _magnification(self) -> str | None:
         value = self.magnification.value
@@ -410,8 +433,7 @@ class PredictionWidget(Container):
 
     def _restyle(self, *_args) -> None:
         try:
-            restyle_attention(prediction_layers_in(self.viewer), normalisation=self.normalisation.value,
-                              smoothing=float(self.smoothing.value), opacity=float(self.opacity.value))
+            restyle_attention(prediction_layers_in(self.viewer), **self._display(), opacity=float(self.opacity.value))
         except DismmError as error:
             show_error(str(error))
 
