@@ -135,6 +135,11 @@ def test_run_adds_layers_panel_and_exports(setup, qtbot, messages, tmp_path):
     # export: bundle and PNG
     out = widget.export_bundle(tmp_path / "bundle")
     assert out is not None and is_bundle_dir(out) and read_bundle(out) == pred
+    import json
+
+    detections = json.loads((out / "detections_20x.geojson").read_text())["features"]
+    assert len(detections) == len(rows) and detections[0]["properties"]["objectType"] == "detection"
+    assert (out / "detections_10x.geojson").is_file()
     png = widget.save_png(tmp_path / "view")
     assert png.suffix == ".png" and png.stat().st_size > 1000
     # a second run replaces the layers instead of stacking them

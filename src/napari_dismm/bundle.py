@@ -207,11 +207,14 @@ def write_bundle(prediction: Prediction, out_dir: str | os.PathLike, *, geojson:
     try:
         prediction.patches.to_csv(tmp / PATCHES_CSV, index=False)
         (tmp / ATTENTION_GEOJSON).write_text(json.dumps(geojson, allow_nan=False), encoding="utf-8")
+        from napari_dismm.export import write_bundle_overlays  # QuPath detections, overlay TIFFs
+
+        overlays = write_bundle_overlays(prediction, tmp)
         (tmp / PREDICTION_JSON).write_text(payload, encoding="utf-8")
         if fresh:
             os.replace(tmp, out)
         else:  # prediction.json last: it names the patch count the CSV must match
-            for name in (PATCHES_CSV, ATTENTION_GEOJSON, PREDICTION_JSON):
+            for name in (*overlays, PATCHES_CSV, ATTENTION_GEOJSON, PREDICTION_JSON):
                 os.replace(tmp / name, out / name)
     finally:
         if tmp.exists():
