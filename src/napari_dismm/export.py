@@ -255,9 +255,13 @@ def write_bundle_overlays(prediction: Prediction, directory: str | os.PathLike) 
     """Write the bundle's files for other tools into ``directory``; returns their names.
 
     The bundle writer calls this (``dismm predict`` and the widget's Export both write
-    bundles through it): per magnification the QuPath detections."""
+    bundles through it): per magnification the QuPath detections, and the finest
+    magnification's attention maps as pyramidal TIFFs aligned with the slide
+    (:mod:`napari_dismm.overlay_tiff`)."""
+    from napari_dismm.overlay_tiff import write_prediction_overlays
+
     directory = Path(directory)
-    names = []
+    names = write_prediction_overlays(prediction, directory)
     for mag in prediction.magnifications:
         name = detections_name(mag)
         doc = detections_geojson(prediction, magnification=mag)
