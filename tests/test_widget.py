@@ -345,3 +345,38 @@ def test_refill_keeps_what_the_user_changed(make_napari_viewer):
     again = add_layer_tuples(viewer, prediction_layer_data(pred, magnification="10x"))
     assert again[1] is tumor and tumor.name == "tumor attention 10x"
     assert tumor.opacity == 0.9 and not tumor.visible and tumor.data.shape == (2, 2)
+
+
+def test_overlap_half_gives_half_cells_with_mean_of_covering_patches(setup, qtbot, messages):
+    """Overlap 0.5: the map's cells are half a patch, each the mean of the patches covering
+    it; the prediction stays that of the non-overlapping grid and the panel says so."""
+    from napari_dismm.predict import predict_slide
+
+    viewer, widget = setup()
+    widget.overlap.value = 0.5
+    assert widget.run()
+    _wait_done(qtbot, widget)
+    assert not messages["error"], messages["error"]
+    pred = widget.prediction
+    assert pred.scope["overlap"] == 0.5 and pred.scope["bag"] == "grid"
+    tumor = viewer.layers["tumor attention 20x"]
+    np.testing.assert_allclose(tumor.scale, (224 * MPP, 224 * MPP))  # half the 448 px patch
+    rows = pred.patches[pred.patches.magnification == "20x"]
+    assert set(np.diff(np.unique(rows.x))) == {224} and (rows.width == 448).all()
+    x0, y0 = tumor.metadata["grid_origin"]
+    raw = tumor.metadata["raw"]
+    total, count = np.zeros(raw.shape), np.zeros(raw.shape)
+    for row in rows.itertuples():  # each patch covers 2 x 2 cells
+        r, c = (row.y - y0) // 224, (row.x - x0) // 224
+        total[r:r + 2, c:c + 2] += row.tumor_attention
+        count[r:r + 2, c:c + 2] += 1
+    assert count.max() == 4  # inner cells are covered by four patches
+    with np.errstate(invalid="ignore"):
+        np.testing.assert_allclose(raw, np.where(count > 0, total / count, np.nan), rtol=1e-5)
+    text = widget.panel.summary.text()
+    assert "overlapping grid (overlap 0.5" in text and "prediction from the non-overlapping grid" in text
+    # the class probabilities are those of the plain grid (its features are cached by now)
+    plain = predict_slide(slide_path=viewer.layers["small.tif"].metadata["slide_path"], model_dir=widget.model_dir.value,
+                          device="cpu")
+    np.testing.assert_allclose(pred.probabilities, plain.probabilities, rtol=1e-6)
+    assert pred.scope["bag_patches"] == len(plain.patches) < len(pred.patches)

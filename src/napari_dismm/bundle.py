@@ -73,6 +73,9 @@ class Prediction:
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     #: Seconds per stage (``read``, ``encode``, ``model``, ...) — for benchmarks and logs.
     timings: dict[str, float] = field(default_factory=dict)
+    #: What the maps and the prediction cover when not the plain whole-slide grid
+    #: (overlapping grid, drawn region; `napari_dismm.fine_maps`, `napari_dismm.region`).
+    scope: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.patches = normalise_patches(self.patches)

@@ -35,6 +35,8 @@ from napari_dismm.viewer.panel import PredictionPanel
 from napari_dismm.viewer.prediction_layers import NORMALISATIONS, display_grid, prediction_layer_data
 
 #: "finest" = the finest magnification present, "all" = every one (napari adds 0.07-0.11 s per layer)
+#: finer maps: patch overlap fractions offered (stride = patch x (1 - overlap); `fine_maps`)
+OVERLAP_CHOICES = (("none (patch grid)", 0.0), ("0.25", 0.25), ("0.5 (cells half a patch)", 0.5), ("0.75", 0.75))
 MAGNIFICATION_CHOICES = ("finest", "all", "10x", "20x")
 PREDICTION_KINDS = ("attention", "ita", "ita_centres", "tissue", "patches")
 #: patches per batch on a CPU: cancel is polled when a batch has been read (and every
@@ -197,6 +199,9 @@ class PredictionWidget(Container):
         self.model_dir = FileEdit(label="model", mode="d", value="")
         self.demo = CheckBox(text="use the demo model", value=False)
         self.device = ComboBox(label="device", choices=["auto", "cpu", "cuda"], value="auto")
+        self.overlap = ComboBox(label="map overlap", choices=list(OVERLAP_CHOICES), value=0.0)
+        self.overlap_bag = CheckBox(text="model sees the overlapping grid (default: the grid it was trained on)",
+                                    value=False)
         self.run_button = PushButton(text="Run")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.status = Label(value="")
@@ -211,7 +216,7 @@ class PredictionWidget(Container):
         self.export_button = PushButton(text="Export bundle…")
         self.png_button = PushButton(text="Save view as PNG…")
         self.extend([
-            self.slide, self.model_dir, self.demo, self.device, self.run_button, self.cancel_button, self.status,
+            self.slide, self.model_dir, self.demo, self.device, self.overlap, self.overlap_bag, self.run_button, self.cancel_button, self.status,
             self.magnification, self.normalisation, self.smoothing, self.opacity,
             self.tumor_colormap, self.tme_colormap, self.fade, self.open_button, self.export_button, self.png_button,
         ])
@@ -287,6 +292,7 @@ class PredictionWidget(Container):
         self._progress_state = ("starting", 0.0)
         self._worker = self._make_worker(
             slide_path=layer.metadata["slide_path"], model=model, device=self.device.value,
+            overlap=float(self.overlap.value), bag="overlap" if self.overlap_bag.value else "grid",
             magnification=self._magnification(), **self._display(),
         )
         from napari.utils import progress
@@ -314,12 +320,18 @@ class PredictionWidget(Container):
             self._progress_state = (stage, float(fraction))
             reports.append((time.perf_counter(), stage, float(fraction)))
 
-        def job(*, slide_path, model, device, magnification, **display):
+        def job(*, slide_path, model, device, overlap, bag, magnification, **display):
             from napari_dismm.predict import Cancelled, predict_slide
 
             try:
-                prediction = predict_slide(slide_path=slide_path, model_dir=model, device=device,
-                                           batch_size=_batch_size(device), progress=report, cancel=cancel.is_set)
+                common = {"slide_path": slide_path, "model_dir": model, "device": device,
+                          "batch_size": _batch_size(device), "progress": report, "cancel": cancel.is_set}
+                if overlap > 0:
+                    from napari_dismm.fine_maps import predict_slide_fine
+
+                    prediction = predict_slide_fine(**common, overlap=overlap, bag=bag)
+                else:
+                    prediction = predict_slide(**common)
                 if cancel.is_set():
                     raise Cancelled("prediction cancelled")
                 tuples = prediction_layer_data(prediction, **display,
