@@ -380,3 +380,49 @@ def test_overlap_half_gives_half_cells_with_mean_of_covering_patches(setup, qtbo
                           device="cpu")
     np.testing.assert_allclose(pred.probabilities, plain.probabilities, rtol=1e-6)
     assert pred.scope["bag_patches"] == len(plain.patches) < len(pred.patches)
+
+
+def test_region_prediction_touches_only_patches_inside(setup, qtbot, messages, monkeypatch):
+    """A rectangle drawn in µm: only the patches whose centre lies inside it are read and
+    encoded, the layers say "region" and the panel says the prediction is the region's."""
+    from napari_dismm import region as region_module
+    from napari_dismm.slide import open_slide
+    from napari_dismm.tiling import magnification_to_mpp, make_grid
+    from napari_dismm.tissue import detect_tissue
+
+    encoded = []
+    real_encode = region_module.encode_grid
+
+    def spy(slide, grid, encoder, **kwargs):
+        encoded.append(grid.coords.copy())
+        return real_encode(slide, grid, encoder, **kwargs)
+
+    monkeypatch.setattr(region_module, "encode_grid", spy)
+    viewer, widget = setup()
+    y0, x0, y1, x1 = 100.0, 150.0, 400.0, 500.0  # µm, on the generated slide's tissue
+    viewer.add_shapes([np.array([[y0, x0], [y0, x1], [y1, x1], [y1, x0]])], shape_type="rectangle", name="my region")
+    widget.region.value = viewer.layers["my region"]
+    assert widget.run()
+    _wait_done(qtbot, widget)
+    assert not messages["error"], messages["error"]
+    pred = widget.prediction
+    centre_x = (pred.patches.x + pred.patches.width / 2 - 0.5) * MPP  # world µm of the patch centres
+    centre_y = (pred.patches.y + pred.patches.height / 2 - 0.5) * MPP
+    assert ((centre_x >= x0) & (centre_x <= x1) & (centre_y >= y0) & (centre_y <= y1)).all()
+    seen = np.concatenate(encoded)
+    assert len(seen) == len(pred.patches)  # every patch read and encoded is in the prediction, no other
+    with open_slide(viewer.layers["small.tif"].metadata["slide_path"]) as slide:
+        mask = detect_tissue(slide)
+        whole = {mag: make_grid(slide, target_mpp=magnification_to_mpp(mag), patch_size=224, tissue=mask)
+                 for mag in (10, 20)}
+    for mag, grid in whole.items():
+        cx = (grid.coords[:, 0] + grid.patch_size_level0 / 2 - 0.5) * MPP
+        cy = (grid.coords[:, 1] + grid.patch_size_level0 / 2 - 0.5) * MPP
+        inside = (cx >= x0) & (cx <= x1) & (cy >= y0) & (cy <= y1)
+        rows = pred.patches[pred.patches.magnification == f"{mag}x"]
+        assert sorted(map(tuple, rows[["x", "y"]].to_numpy())) == sorted(map(tuple, grid.coords[inside]))
+    assert len(pred.patches) < sum(len(g) for g in whole.values())
+    names = [layer.name for layer in viewer.layers]
+    assert "tumor attention 20x (region)" in names and "patches (region)" in names
+    assert "drawn region only" in widget.panel.summary.text() and "not the whole slide" in widget.panel.summary.text()
+    assert pred.scope["region_patches"] == len(pred.patches)

@@ -199,6 +199,10 @@ def prediction_layer_data(
     shown = pd.concat([by_mag[m] for m in mags]) if mags else patches.iloc[:0]
     if len(shown):
         layers.append(patch_points_data(shown, mpp=mpp, units=units, base=base))
+    if (getattr(prediction, "scope", None) or {}).get("region"):  # a drawn region's prediction, not the slide's
+        for _, kwargs, _ in layers:
+            if kwargs["metadata"].get("dismm_kind") != "tissue":
+                kwargs["name"] = f"{kwargs['name']} (region)"
     return layers
 
 

@@ -23,8 +23,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSlider, Label, PushButton
-from napari.layers import Image, Layer
+from napari.layers import Image, Layer, Shapes
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QTimer
 
@@ -179,6 +180,24 @@ def _available(prediction, magnification: str | None, notes: list[str]) -> str |
     return None
 
 
+def region_polygons(shapes: Shapes, slide: Image) -> list[list[tuple[float, float]]]:
+    """A shapes layer's shapes as level-0 (x, y) polygons of the slide under it.
+
+    Through the world frame, so a shapes layer drawn with any scale or translate works:
+    the slide layer's data coordinate is level-0 ``c - 0.5`` (see `prediction_layers`).
+    Rectangles and polygons are used as drawn; an ellipse counts as its bounding box;
+    lines and paths of fewer than three vertices have no area and are left out."""
+    out = []
+    for vertices in shapes.data:
+        vertices = np.asarray(vertices, dtype=np.float64)
+        if len(vertices) < 3:
+            continue
+        world = np.array([shapes.data_to_world(v) for v in vertices])
+        data = np.array([slide.world_to_data(w) for w in world])[:, -2:] + 0.5
+        out.append([(float(x), float(y)) for y, x in data])
+    return out
+
+
 def _batch_size(device: str) -> int:
     import torch
 
@@ -199,6 +218,7 @@ class PredictionWidget(Container):
         self.model_dir = FileEdit(label="model", mode="d", value="")
         self.demo = CheckBox(text="use the demo model", value=False)
         self.device = ComboBox(label="device", choices=["auto", "cpu", "cuda"], value="auto")
+        self.region = ComboBox(label="region", choices=self._region_choices, nullable=True)
         self.overlap = ComboBox(label="map overlap", choices=list(OVERLAP_CHOICES), value=0.0)
         self.overlap_bag = CheckBox(text="model sees the overlapping grid (default: the grid it was trained on)",
                                     value=False)
@@ -216,7 +236,7 @@ class PredictionWidget(Container):
         self.export_button = PushButton(text="Export bundle…")
         self.png_button = PushButton(text="Save view as PNG…")
         self.extend([
-            self.slide, self.model_dir, self.demo, self.device, self.overlap, self.overlap_bag, self.run_button, self.cancel_button, self.status,
+            self.slide, self.region, self.model_dir, self.demo, self.device, self.overlap, self.overlap_bag, self.run_button, self.cancel_button, self.status,
             self.magnification, self.normalisation, self.smoothing, self.opacity,
             self.tumor_colormap, self.tme_colormap, self.fade, self.open_button, self.export_button, self.png_button,
         ])
@@ -253,8 +273,14 @@ class PredictionWidget(Container):
         return [(layer.name, layer) for layer in self.viewer.layers
                 if isinstance(layer, Image) and layer.metadata.get("dismm_kind") == "slide"]
 
+    def _region_choices(self, _widget=None) -> list[tuple[str, Any]]:
+        """Shapes layers a user drew (not the tissue outline): "none" predicts the whole slide."""
+        return [(f"{layer.name} (shapes inside only)", layer) for layer in self.viewer.layers
+                if isinstance(layer, Shapes) and "dismm_kind" not in layer.metadata]
+
     def _layers_changed(self, event=None) -> None:
         self.slide.reset_choices()
+        self.region.reset_choices()
         slides = self._slide_choices()
         if self.slide.value is None and len(slides) == 1:  # the only slide: nothing to choose
             self.slide.value = slides[0][1]
@@ -288,9 +314,15 @@ class PredictionWidget(Container):
                 given = str(self.model_dir.value) or "nothing"
                 show_error(f"choose a model directory holding config.json (got {given})")
                 return False
+        region = None
+        if self.region.value is not None:
+            region = region_polygons(self.region.value, layer)
+            if not region:
+                show_error(f"the region layer {self.region.value.name!r} has no rectangle or polygon: draw one")
+                return False
         self._cancel = threading.Event()
         self._progress_state = ("starting", 0.0)
-        self._worker = self._make_worker(
+        self._worker = self._make_worker(region=region,
             slide_path=layer.metadata["slide_path"], model=model, device=self.device.value,
             overlap=float(self.overlap.value), bag="overlap" if self.overlap_bag.value else "grid",
             magnification=self._magnification(), **self._display(),
@@ -320,13 +352,19 @@ class PredictionWidget(Container):
             self._progress_state = (stage, float(fraction))
             reports.append((time.perf_counter(), stage, float(fraction)))
 
-        def job(*, slide_path, model, device, overlap, bag, magnification, **display):
+        def job(*, slide_path, model, device, region, overlap, bag, magnification, **display):
             from napari_dismm.predict import Cancelled, predict_slide
 
             try:
                 common = {"slide_path": slide_path, "model_dir": model, "device": device,
                           "batch_size": _batch_size(device), "progress": report, "cancel": cancel.is_set}
-                if overlap > 0:
+                if region is not None:
+                    from napari_dismm.region import predict_region
+
+                    if overlap > 0:
+                        notes.append("a region prediction uses the patch grid; the map overlap is not applied")
+                    prediction = predict_region(**common, region=region)
+                elif overlap > 0:
                     from napari_dismm.fine_maps import predict_slide_fine
 
                     prediction = predict_slide_fine(**common, overlap=overlap, bag=bag)
