@@ -16,6 +16,7 @@ from napari_dismm.bundle import is_bundle_dir, read_bundle, write_bundle
 from napari_dismm.model.checkpoint import save_model
 from napari_dismm.model.registry import build_model
 from napari_dismm.slide import write_sample_slide
+from napari_dismm.viewer.widget import _batch_size
 
 pytestmark = pytest.mark.gui
 
@@ -162,13 +163,17 @@ def test_cancel_mid_run_and_second_run_refused(setup, qtbot, messages):
     widget.cancel()
     _wait_done(qtbot, widget, timeout_s=10)
     stopped = time.perf_counter() - t0
-    # cancel is polled once per batch of patches read and encoded: the bound is 1 s, or on a
-    # loaded (shared) machine where a batch takes longer than that, the longest batch seen + 20 %
+    # cancel is polled inside the forward pass of a batch as large as the CLI's: the worker
+    # stops within a second although one batch takes longer than that here
     times = [t for t, stage, _ in widget.reports if stage == "encode"]
     gaps = np.diff(times)
-    print(f"cancel: worker stopped after {widget._cancelled_at - t0:.2f} s, widget idle after {stopped:.2f} s; "
-          f"batches take {np.median(gaps):.2f} s (max {gaps.max():.2f} s) here")
-    assert stopped < max(1.0, 1.2 * gaps.max()), f"cancel took {stopped:.2f} s (longest batch {gaps.max():.2f} s)"
+    worker = widget._cancelled_at - t0
+    batch = f"{np.median(gaps):.2f} s" if len(gaps) else f"> {time.perf_counter() - times[0]:.2f} s"
+    print(f"cancel: worker stopped after {worker:.2f} s, widget idle after {stopped:.2f} s; "
+          f"a batch of {_batch_size('cpu')} takes {batch} here")
+    assert _batch_size("cpu") >= 32
+    assert worker < 1.0, f"cancel took {worker:.2f} s"
+    assert stopped < 2.0, f"the widget was busy {stopped:.2f} s after cancel"
     assert widget.status.value == "cancelled" and messages["info"] == ["prediction cancelled"]
     assert len(viewer.layers) == n_layers and not messages["error"]
     assert widget.run_button.enabled

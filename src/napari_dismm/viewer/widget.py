@@ -6,8 +6,9 @@ Why it is built this way:
 - Progress is reported by `predict_slide` from the worker thread into a plain attribute;
   a 100 ms QTimer in the main thread copies it into a napari progress bar (Qt objects are
   touched from the main thread only).
-- Cancel sets an event that `predict_slide` polls once per encoded batch, so a run stops
-  within about a second; a second Run while one is going is refused with a message.
+- Cancel sets an event that the encoder polls before each of its layers, so a run stops
+  within a second while batches stay as large as the CLI's (same throughput); a second Run
+  while one is going is refused with a message.
 - Every user-caused error arrives as a one-line notification; the viewer never dies.
 - A second Run or another magnification refills the shown overlay layers (`layer_refill`):
   napari's cost of inserting a layer (~0.1 s each) is paid once per slide.
@@ -40,10 +41,9 @@ from napari_dismm.viewer.prediction_layers import NORMALISATIONS, display_grid, 
 OVERLAP_CHOICES = (("none (patch grid)", 0.0), ("0.25", 0.25), ("0.5 (cells half a patch)", 0.5), ("0.75", 0.75))
 MAGNIFICATION_CHOICES = ("finest", "all", "10x", "20x")
 PREDICTION_KINDS = ("attention", "ita", "ita_centres", "tissue", "patches")
-#: patches per batch on a CPU: cancel is polled when a batch has been read (and every
-#: CANCEL_CHUNK = 4 patches while encoding), so a read batch of 4 keeps the gap between
-#: polls near 0.3 s on 2 cores; the CLI keeps large batches for throughput
-CPU_BATCH_SIZE = 4
+#: patches per batch on a CPU: the CLI's default; cancel is polled before every layer of the
+#: encoder's forward pass (`napari_dismm.cancel_inside`), so large batches still stop in ms
+CPU_BATCH_SIZE = 32
 GPU_BATCH_SIZE = 32
 
 
