@@ -28,7 +28,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         slide = write_sample_slide(root / "slide.tif", width=SIDE_PX, height=SIDE_PX, mpp=MPP,
-                                   tissue_fraction=0.7, seed=5).path
+                                   tissue_fraction=0.6, seed=5).path
         half = REGION_MM * 1000 / MPP / 2
         c = SIDE_PX / 2
         region = [[(c - half, c - half), (c + half, c - half), (c + half, c + half), (c - half, c + half)]]
