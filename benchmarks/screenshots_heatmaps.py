@@ -52,7 +52,7 @@ def main() -> None:
     y0, x0 = 250.0, 300.0
     viewer.add_shapes([np.array([[y0, x0], [y0, x0 + 400], [y0 + 500, x0 + 400], [y0 + 500, x0]])],
                       shape_type="rectangle", name="my region", edge_color="cyan", face_color="transparent",
-                      edge_width=6)
+                      edge_width=6, units=("um", "um"))
     widget.region.value = viewer.layers["my region"]
     widget.overlap.value = 0.0
     widget.run()

@@ -76,3 +76,16 @@ def test_the_only_slide_is_preselected(make_napari_viewer, tmp_path):
     assert widget.slide.value is viewer.layers["b.tif"]  # the only one left
     # a widget opened over a viewer that already shows one slide has it chosen
     assert PredictionWidget(viewer).slide.value is viewer.layers["b.tif"]
+
+
+def test_view_docks_the_widget_after_the_first_frame(make_napari_viewer, qtbot):
+    """`dismm view` draws the slide first and docks the prediction widget right after."""
+    from napari_dismm.viewer.app import after_first_frame, dock_prediction_widget
+
+    viewer = make_napari_viewer(show=True)
+    viewer.add_image(np.zeros((64, 64, 3), np.uint8), rgb=True)
+    docked = []
+    after_first_frame(viewer, lambda: docked.append(dock_prediction_widget(viewer)))
+    assert not docked
+    qtbot.waitUntil(lambda: bool(docked), timeout=10_000)
+    assert "DisMM prediction" in viewer.window.dock_widgets
