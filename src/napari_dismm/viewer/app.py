@@ -115,7 +115,7 @@ def show_slide(slide: Slide, *, bundle: Path | None = None, prediction=None,
         # nothing for the widget to show yet: the slide's first frame comes first, the dock
         # right after it (importing the widget, with pandas and matplotlib's Qt canvas, took
         # ~1.3-1.7 s, the whole gap between `dismm view` and napari's own first frame)
-        after_first_frame(viewer, lambda: dock_prediction_widget(viewer))
+        after_first_frame(viewer, lambda: _dock_if_open(viewer))
     else:
         widget = dock_prediction_widget(viewer)
         if bundle is not None:
@@ -125,6 +125,12 @@ def show_slide(slide: Slide, *, bundle: Path | None = None, prediction=None,
     if exit_after_first_frame:
         _quit_after_first_frame(viewer)
     napari.run()
+
+
+def _dock_if_open(viewer) -> None:
+    """Dock the widget unless the window was closed meanwhile (``--first-frame`` closes it)."""
+    if getattr(viewer.window, "_qt_window", None) is not None:
+        dock_prediction_widget(viewer)
 
 
 def after_first_frame(viewer, action) -> None:
