@@ -381,8 +381,8 @@ def test_overlap_half_gives_half_cells_with_mean_of_covering_patches(setup, qtbo
     text = widget.panel.summary.text()
     assert "overlapping grid (overlap 0.5" in text and "prediction from the non-overlapping grid" in text
     # the class probabilities are those of the plain grid (its features are cached by now)
-    plain = predict_slide(slide_path=viewer.layers["small.tif"].metadata["slide_path"], model_dir=widget.model_dir.value,
-                          device="cpu")
+    plain = predict_slide(slide_path=viewer.layers["small.tif"].metadata["slide_path"],
+                          model_dir=widget.model_dir.value, device="cpu")
     np.testing.assert_allclose(pred.probabilities, plain.probabilities, rtol=1e-6)
     assert pred.scope["bag_patches"] == len(plain.patches) < len(pred.patches)
 

@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--overlap", type=float, default=0.0,
                          help="finer maps: patch overlap fraction, stride = patch x (1 - overlap), e.g. 0.5")
     predict.add_argument("--bag", choices=["grid", "overlap"], default="grid",
-                         help="with --overlap: the model's bag is the non-overlapping grid (default) or the overlapping one")
+                         help="with --overlap: the model's bag is the plain grid (default) or the overlapping one")
 
     _add_plugin_commands(sub)
     return parser

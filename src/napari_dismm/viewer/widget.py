@@ -37,9 +37,9 @@ from napari_dismm.viewer.panel import PredictionPanel
 from napari_dismm.viewer.prediction_layers import NORMALISATIONS, display_grid, prediction_layer_data
 
 #: "finest" = the finest magnification present, "all" = every one (napari adds 0.07-0.11 s per layer)
+MAGNIFICATION_CHOICES = ("finest", "all", "10x", "20x")
 #: finer maps: patch overlap fractions offered (stride = patch x (1 - overlap); `fine_maps`)
 OVERLAP_CHOICES = (("none (patch grid)", 0.0), ("0.25", 0.25), ("0.5 (cells half a patch)", 0.5), ("0.75", 0.75))
-MAGNIFICATION_CHOICES = ("finest", "all", "10x", "20x")
 PREDICTION_KINDS = ("attention", "ita", "ita_centres", "tissue", "patches")
 #: patches per batch on a CPU: the CLI's default; cancel is polled before every layer of the
 #: encoder's forward pass (`napari_dismm.cancel_inside`), so large batches still stop in ms
@@ -162,7 +162,8 @@ def restyle_attention(layers, *, normalisation: str, smoothing: float, opacity: 
             layer.contrast_limits = limits
             layer.metadata.update(normalisation=normalisation, smoothing=float(smoothing))
             subspace = layer.metadata.get("subspace")
-            name = (colormaps or {}).get(subspace if subspace == "TME" else "tumor", layer.metadata.get("colormap_name"))
+            key = subspace if subspace == "TME" else "tumor"  # a single-map model's map: the tumor colours
+            name = (colormaps or {}).get(key, layer.metadata.get("colormap_name"))
             fade = layer.metadata.get("transparent_low", True) if transparent_low is None else transparent_low
             if name is not None and (name, fade) != (layer.metadata.get("colormap_name"),
                                                      layer.metadata.get("transparent_low")):
@@ -236,7 +237,8 @@ class PredictionWidget(Container):
         self.export_button = PushButton(text="Export bundle…")
         self.png_button = PushButton(text="Save view as PNG…")
         self.extend([
-            self.slide, self.region, self.model_dir, self.demo, self.device, self.overlap, self.overlap_bag, self.run_button, self.cancel_button, self.status,
+            self.slide, self.region, self.model_dir, self.demo, self.device, self.overlap, self.overlap_bag,
+            self.run_button, self.cancel_button, self.status,
             self.magnification, self.normalisation, self.smoothing, self.opacity,
             self.tumor_colormap, self.tme_colormap, self.fade, self.open_button, self.export_button, self.png_button,
         ])
