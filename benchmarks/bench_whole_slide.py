@@ -88,14 +88,15 @@ def main() -> None:
     cache = work / "cache"
     rows = {}
     for phase in ("cold", "cached"):
-        out = subprocess.run([sys.executable, __file__, "--child", str(slide), str(cache), str(work / f"bundle-{phase}")],
-                             capture_output=True, text=True, check=True).stdout
+        command = [sys.executable, __file__, "--child", str(slide), str(cache), str(work / f"bundle-{phase}")]
+        out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         rows[phase] = json.loads(out.strip().splitlines()[-1])
         print(phase, json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in rows[phase].items()}),
               flush=True)
     cold, cached = rows["cold"], rows["cached"]
     print(f"{cold['patches']} patch rows: cold {cold['wall']:.0f} s, cached features {cached['wall']:.1f} s "
-          f"(ratio {cold['wall'] / cached['wall']:.0f}x); peak RSS {cold['peak_rss_mb']:.0f} / {cached['peak_rss_mb']:.0f} MB")
+          f"(ratio {cold['wall'] / cached['wall']:.0f}x); "
+          f"peak RSS {cold['peak_rss_mb']:.0f} / {cached['peak_rss_mb']:.0f} MB")
 
 
 if __name__ == "__main__":
