@@ -156,3 +156,41 @@ def test_bad_export_options() -> None:
         attention_geojson(pred, threshold_quantile=1.0)
     with pytest.raises(DismmError, match="top_k"):
         attention_geojson(pred, top_k=-1)
+
+
+def test_qupath_detections_read_back_with_shapely(tmp_path: Path) -> None:
+    """Every patch is a detection whose square and measurements are the patch's own; a patch
+    hanging over the slide's edge is clipped to it; one file per magnification."""
+    from napari_dismm.export import detections_name
+
+    w, h = 3100, 1300
+    rng = np.random.default_rng(0)
+    fine = grid_patches(w, h, 250)
+    fine["tumor_attention"] = rng.random(len(fine))
+    fine["tme_attention"] = rng.random(len(fine))
+    fine["ita_cluster"] = rng.integers(0, 2, len(fine))
+    fine["ita_centre"] = np.arange(len(fine)) < 2
+    coarse = grid_patches(w, h, 500, mag="10x")
+    edge = coarse.iloc[:1].assign(x=w - 300, y=h - 200, tumor_attention=0.5)  # overhangs the corner
+    pred = prediction_for(pd.concat([fine, coarse, edge], ignore_index=True), (w, h))
+    out = write_bundle(pred, tmp_path / "b")
+    slide = shapely.box(0, 0, w, h)
+    for mag, rows in (("20x", fine), ("10x", pd.concat([coarse, edge], ignore_index=True))):
+        doc = json.loads((out / detections_name(mag)).read_text())
+        assert doc["properties"]["magnification"] == mag
+        features = doc["features"]
+        assert len(features) == len(rows)
+        for feature, (_, row) in zip(features, rows.iterrows(), strict=True):
+            props = feature["properties"]
+            assert props["objectType"] == "detection"
+            geom = shape(feature["geometry"])
+            assert geom.is_valid and slide.covers(geom)
+            x1, y1 = min(row.x + row.width, w), min(row.y + row.height, h)
+            assert geom.equals(shapely.box(row.x, row.y, x1, y1)), (geom.bounds, row.x, row.y)
+            m = props["measurements"]
+            assert m["Tumor attention"] == pytest.approx(row.tumor_attention, rel=1e-12)
+            assert m["TME attention"] == pytest.approx(row.tme_attention, rel=1e-12)
+            assert m["ITA cluster"] == row.ita_cluster and m["ITA centre"] == float(row.ita_centre)
+    # the clipped corner patch: 300 x 200 px of it lie inside
+    corner = shape(json.loads((out / detections_name("10x")).read_text())["features"][-1]["geometry"])
+    assert corner.area == pytest.approx(300 * 200)

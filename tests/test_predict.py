@@ -134,14 +134,14 @@ def test_cancel_during_encoding_writes_nothing(world: dict, tmp_path: Path) -> N
 
     def cancel() -> bool:
         polls["n"] += 1
-        return polls["n"] >= 5  # before reading, after tissue, then every 4 patches encoded
+        # polled before every encoder layer: cancel inside the 20x encoding, once 10x is written
+        return any((tmp_path / "f").rglob("10x/*.h5"))
 
     t0 = time.perf_counter()
     with pytest.raises(Cancelled, match="cancelled"):
         predict_slide(slide_path=world["sample"].path, model_dir=world["model"], device="cpu",
                       out_dir=tmp_path / "b", features_dir=tmp_path / "f", batch_size=8, cancel=cancel)
     assert time.perf_counter() - t0 < world["first"]
-    assert polls["n"] == 5
     assert not (tmp_path / "b").exists()
     # a magnification finished before the cancel is kept (valid, reusable); none half-written
     written = sorted((tmp_path / "f").rglob("*.h5*"))

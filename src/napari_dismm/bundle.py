@@ -77,6 +77,9 @@ class Prediction:
     #: read, summed over the feature files used; None when the files do not record them.
     unreadable_tiles: int | None = None
     tiles_read: int | None = None
+    #: What the maps and the prediction cover when not the plain whole-slide grid
+    #: (overlapping grid, drawn region; `napari_dismm.fine_maps`, `napari_dismm.region`).
+    scope: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.patches = normalise_patches(self.patches)
@@ -216,11 +219,14 @@ def write_bundle(prediction: Prediction, out_dir: str | os.PathLike, *, geojson:
     try:
         prediction.patches.to_csv(tmp / PATCHES_CSV, index=False)
         (tmp / ATTENTION_GEOJSON).write_text(json.dumps(geojson, allow_nan=False), encoding="utf-8")
+        from napari_dismm.export import write_bundle_overlays  # QuPath detections, overlay TIFFs
+
+        overlays = write_bundle_overlays(prediction, tmp)
         (tmp / PREDICTION_JSON).write_text(payload, encoding="utf-8")
         if fresh:
             os.replace(tmp, out)
         else:  # prediction.json last: it names the patch count the CSV must match
-            for name in (PATCHES_CSV, ATTENTION_GEOJSON, PREDICTION_JSON):
+            for name in (*overlays, PATCHES_CSV, ATTENTION_GEOJSON, PREDICTION_JSON):
                 os.replace(tmp / name, out / name)
     finally:
         if tmp.exists():

@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--features-dir", type=Path, default=None, help="feature cache (default: the user cache)")
     predict.add_argument("--weights", type=Path, default=None,
                          help="local weight file of the model's encoder (encoders other than the default)")
+    predict.add_argument("--overlap", type=float, default=0.0,
+                         help="finer maps: patch overlap fraction, stride = patch x (1 - overlap), e.g. 0.5")
+    predict.add_argument("--bag", choices=["grid", "overlap"], default="grid",
+                         help="with --overlap: the model's bag is the plain grid (default) or the overlapping one")
 
     _add_plugin_commands(sub)
     return parser
@@ -167,9 +171,19 @@ def _predict(args: argparse.Namespace) -> int:
     progress = _StageReporter(bar_for="encode")
     try:
         if all(path.suffix.lower() in (".h5", ".hdf5") for path in args.inputs):
+            if args.overlap:
+                raise DismmError("--overlap needs the slide (its overlapping patches are encoded), not feature files")
             prediction = predict_features(
                 features=features_by_magnification(args.inputs), model_dir=args.model, out_dir=args.out,
                 device=args.device, progress=progress,
+            )
+        elif len(args.inputs) == 1 and args.overlap:  # finer maps (napari_dismm.fine_maps)
+            from napari_dismm.fine_maps import predict_slide_fine
+
+            prediction = predict_slide_fine(
+                slide_path=args.inputs[0], model_dir=args.model, out_dir=args.out, device=args.device, mpp=args.mpp,
+                features_dir=args.features_dir, progress=progress, overlap=args.overlap, bag=args.bag,
+                encoder_weights=args.weights,
             )
         elif len(args.inputs) == 1:
             prediction = predict_slide(

@@ -10,6 +10,13 @@ Per subspace and magnification there are three kinds of feature: the contour of 
 patches whose attention is in the top ``1 - threshold_quantile`` (the union of their
 boxes, simplified), the ``top_k`` patches as boxes ranked by attention, and (once) the
 tissue outline.
+
+Measurement maps: :func:`detections_geojson` gives every patch of one magnification as a
+QuPath *detection* (``objectType: "detection"``, its square in level-0 px) whose
+``measurements`` are the tumor and TME attention, the ITA cluster and the centre flag, so
+QuPath's *Measure > Show measurement maps* colours the slide by any of them. One file per
+magnification (``detections_20x.geojson``): 10x and 20x squares overlap, and a measurement
+map of both would draw one over the other.
 """
 
 from __future__ import annotations
@@ -179,6 +186,88 @@ def _tissue_features(prediction: Prediction, bounds) -> list[dict]:
             )
         )
     return out
+
+
+# --------------------------------------------------------------------------- detections
+
+#: QuPath measurement names of a patch detection -> patch-table column
+DETECTION_MEASUREMENTS = {
+    "Tumor attention": "tumor_attention",
+    "TME attention": "tme_attention",
+    "ITA cluster": "ita_cluster",
+    "ITA centre": "ita_centre",
+}
+DETECTION_CLASS = ("Patch", [200, 200, 200])
+
+
+def detections_name(magnification: str) -> str:
+    """Bundle file name of one magnification's patch detections."""
+    return f"detections_{magnification}.geojson"
+
+
+def detections_geojson(prediction: Prediction, *, magnification: str) -> dict[str, Any]:
+    """Every patch of ``magnification`` as a QuPath detection with its scores as measurements.
+
+    Squares are clipped to the slide (a patch is never drawn outside it); rings run
+    counter-clockwise as in :func:`attention_geojson`. ``ITA cluster`` is -1 for a model
+    without token aggregation, ``ITA centre`` is 1 or 0."""
+    patches = prediction.patches
+    rows = patches[patches["magnification"] == magnification]
+    x0 = rows["x"].to_numpy(np.float64)
+    y0 = rows["y"].to_numpy(np.float64)
+    x1 = x0 + rows["width"].to_numpy(np.float64)
+    y1 = y0 + rows["height"].to_numpy(np.float64)
+    if prediction.level0_size is not None:
+        w, h = prediction.level0_size
+        x0, x1 = np.clip(x0, 0, w), np.clip(x1, 0, w)
+        y0, y1 = np.clip(y0, 0, h), np.clip(y1, 0, h)
+    values = {name: rows[column].to_numpy() for name, column in DETECTION_MEASUREMENTS.items()}
+    cls = {"name": DETECTION_CLASS[0], "color": list(DETECTION_CLASS[1])}
+    features = []
+    for i in range(len(rows)):
+        if x1[i] <= x0[i] or y1[i] <= y0[i]:
+            continue  # wholly outside the slide
+        a, b, c, d = float(x0[i]), float(y0[i]), float(x1[i]), float(y1[i])
+        features.append({
+            "type": "Feature",
+            "geometry": {"type": "Polygon", "coordinates": [[[c, b], [c, d], [a, d], [a, b], [c, b]]]},
+            "properties": {
+                "objectType": "detection",
+                "classification": cls,
+                "isLocked": True,
+                "measurements": {name: float(v[i]) for name, v in values.items()},
+            },
+        })
+    return {
+        "type": "FeatureCollection",
+        "features": features,
+        "properties": {
+            "slide_id": prediction.slide_id,
+            "slide_name": prediction.slide_name,
+            "model_id": prediction.model_id,
+            "magnification": str(magnification),
+            "coordinate_space": "level-0 pixels (x, y)",
+        },
+    }
+
+
+def write_bundle_overlays(prediction: Prediction, directory: str | os.PathLike) -> list[str]:
+    """Write the bundle's files for other tools into ``directory``; returns their names.
+
+    The bundle writer calls this (``dismm predict`` and the widget's Export both write
+    bundles through it): per magnification the QuPath detections, and the finest
+    magnification's attention maps as pyramidal TIFFs aligned with the slide
+    (:mod:`napari_dismm.overlay_tiff`)."""
+    from napari_dismm.overlay_tiff import write_prediction_overlays
+
+    directory = Path(directory)
+    names = write_prediction_overlays(prediction, directory)
+    for mag in prediction.magnifications:
+        name = detections_name(mag)
+        doc = detections_geojson(prediction, magnification=mag)
+        (directory / name).write_text(json.dumps(doc, allow_nan=False), encoding="utf-8")
+        names.append(name)
+    return names
 
 
 # --------------------------------------------------------------------------- files

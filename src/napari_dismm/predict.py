@@ -7,8 +7,9 @@ Why it is shaped this way:
   prediction from features equals one from pixels.
 - The model's ``config.json`` says what it was trained on (keys below, written by the
   training backend). A model for other features is refused before any pixel is read.
-- Progress and cancel are polled once per encoded batch and between magnifications, so a
-  widget can show progress and stop a run within about a second.
+- Progress is reported once per encoded batch; cancel is polled before every layer of the
+  encoder's forward pass (`cancel_inside`) and between stages, so a widget keeps the CLI's
+  batch size and still stops a run within a second.
 
 ``config.json`` keys read here (top level, beside ``model``; all optional unless noted):
 
@@ -49,8 +50,6 @@ DEFAULT_PATCH_SIZE = 224
 #: the encoder name `dismm synth` writes into its feature files: no slide can give them
 SYNTHETIC_ENCODER = "synthetic"
 DEMO_MODEL_DIR = Path(__file__).parent / "data" / "demo_model"
-#: patches encoded between two polls of ``cancel`` on CPU (~0.1-0.2 s each on 2 loaded cores)
-CANCEL_CHUNK = 4
 NEEDS_GENES = ("teacher", "late_fusion", "genes_only")
 #: attention maps of models without subspaces (see ``_patch_rows``)
 SINGLE_MAPS = ("abmil", "cls")
@@ -415,7 +414,7 @@ def _poll(cancel: Cancel | None) -> None:
 
 
 class _WatchedEncoder:
-    """An Encoder that polls ``cancel`` every few patches, reports progress per batch and
+    """An Encoder that polls ``cancel`` inside its forward pass, reports progress per batch and
     splits time into encoding and waiting for pixels (reading that overlap did not hide)."""
 
     def __init__(self, encoder: Any, *, progress: Progress | None, cancel: Cancel | None) -> None:
@@ -429,17 +428,15 @@ class _WatchedEncoder:
         return getattr(self._encoder, name)
 
     def encode(self, batch: Any) -> Any:
-        import torch
+        from napari_dismm.cancel_inside import polled_inside
 
         now = time.perf_counter()
         self.wait_seconds += now - (self.started or now)
-        # small chunks on CPU when cancellable, so a cancel is seen within about a second
-        chunk = len(batch) if self._cancel is None or self._encoder.device.type == "cuda" else CANCEL_CHUNK
-        parts = []
-        for start in range(0, len(batch), max(1, chunk)):
-            _poll(self._cancel)
-            parts.append(self._encoder.encode(batch[start : start + max(1, chunk)]))
-        out = torch.cat(parts) if parts else self._encoder.encode(batch)
+        _poll(self._cancel)
+        # cancel is polled before every layer of the forward pass: whole batches, no chunks
+        with polled_inside(getattr(self._encoder, "model", None), self._cancel,
+                           lambda: Cancelled("prediction cancelled")):
+            out = self._encoder.encode(batch)
         self.started = time.perf_counter()
         self.encode_seconds += self.started - now
         self.done += len(batch)

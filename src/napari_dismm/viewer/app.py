@@ -111,14 +111,39 @@ def show_slide(slide: Slide, *, bundle: Path | None = None, prediction=None,
 
     viewer = new_viewer(show=True)
     add_slide(viewer, slide)
-    widget = dock_prediction_widget(viewer)
-    if bundle is not None:
-        add_bundle(widget, slide, bundle)
-    if prediction is not None:
-        widget.show_prediction(prediction)
+    if bundle is None and prediction is None:
+        # nothing for the widget to show yet: the slide's first frame comes first, the dock
+        # right after it (importing the widget, with pandas and matplotlib's Qt canvas, took
+        # ~1.3-1.7 s, the whole gap between `dismm view` and napari's own first frame)
+        after_first_frame(viewer, lambda: _dock_if_open(viewer))
+    else:
+        widget = dock_prediction_widget(viewer)
+        if bundle is not None:
+            add_bundle(widget, slide, bundle)
+        if prediction is not None:
+            widget.show_prediction(prediction)
     if exit_after_first_frame:
         _quit_after_first_frame(viewer)
     napari.run()
+
+
+def _dock_if_open(viewer) -> None:
+    """Dock the widget unless the window was closed meanwhile (``--first-frame`` closes it)."""
+    if getattr(viewer.window, "_qt_window", None) is not None:
+        dock_prediction_widget(viewer)
+
+
+def after_first_frame(viewer, action) -> None:
+    """Run ``action()`` once, from the event loop, just after the canvas draws its first frame."""
+    from qtpy.QtCore import QTimer
+
+    canvas = viewer.window._qt_viewer.canvas._scene_canvas  # vispy SceneCanvas (private)
+
+    def on_draw(event) -> None:
+        canvas.events.draw.disconnect(on_draw)
+        QTimer.singleShot(0, action)
+
+    canvas.events.draw.connect(on_draw)
 
 
 def _quit_after_first_frame(viewer) -> None:

@@ -99,7 +99,9 @@ def same(old, new) -> bool:
     if isinstance(old, pd.DataFrame) or isinstance(new, pd.DataFrame):
         return isinstance(old, pd.DataFrame) and isinstance(new, pd.DataFrame) and old.equals(new)
     if isinstance(old, dict) or isinstance(new, dict):
-        return False
+        # colormap dicts (`viewer.colormaps`) are named by everything that makes them
+        return (isinstance(old, dict) and isinstance(new, dict) and "colors" in old and "colors" in new
+                and old.get("name") == new.get("name"))
     try:
         a, b = np.asarray(old), np.asarray(new)
     except (TypeError, ValueError):

@@ -60,6 +60,11 @@ def summary_text(prediction) -> str:
         lines.append(f"risk {prediction.risk:.3f} (higher = shorter expected survival)")
     elif prediction.predicted_class is not None:
         lines.append(f"predicted: <b>{prediction.predicted_class}</b>")
+    from napari_dismm.fine_maps import scope_text
+
+    scope = scope_text(getattr(prediction, "scope", None) or {})
+    if scope:
+        lines.append(f"<i>{scope}</i>")
     return "<br>".join(lines)
 
 

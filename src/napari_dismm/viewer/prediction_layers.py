@@ -26,8 +26,7 @@ cell; cells no patch covers are NaN (rendered transparent).
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 import numpy as np
@@ -35,6 +34,15 @@ import pandas as pd
 
 from napari_dismm.bundle import PATCH_COLUMNS
 from napari_dismm.errors import DismmError
+from napari_dismm.patch_grid import (  # noqa: F401  (re-exported)
+    MAX_CELLS,
+    Grid,
+    grid_for,
+    label_grid,
+    magnifications_of,
+    mean_grid,
+)
+from napari_dismm.viewer.colormaps import overlay_colormap
 
 LayerData = tuple[Any, dict[str, Any], str]
 
@@ -47,15 +55,13 @@ SINGLE_MAP_NAMES = {"mirror": "[CLS]", "abmil": "ABMIL"}
 
 
 def attention_maps(model_kind: str | None) -> dict[str, tuple[str, str]]:
-    """Layer name prefix -> (patches.csv column, colormap) of the maps a model has."""
+    """Layer name prefix -> (patches.csv column, default colormap) of the maps a model has."""
     single = SINGLE_MAP_NAMES.get(str(model_kind))
     return SUBSPACES if single is None else {single: ("tumor_attention", "inferno")}
 NOTE = "Attention shows where the model looked; it is not evidence of disease."
 #: above this many patch points the hover layer starts hidden: software OpenGL (Xvfb,
 #: remote desktops) needs ~1 s per frame for 100k point sprites; a GPU does not care
 POINTS_SHOWN_LIMIT = 20_000
-#: a grid larger than this many cells per axis is coarsened (irregular coordinates)
-MAX_CELLS = 8192
 
 
 class PredictionLike(Protocol):
@@ -64,114 +70,6 @@ class PredictionLike(Protocol):
     mpp: float | None
     patches: pd.DataFrame
     tissue_contours: list
-
-
-@dataclass(frozen=True)
-class Grid:
-    """A regular grid of cells over level 0 for one magnification."""
-
-    origin: tuple[int, int]  # level-0 (x0, y0) of cell (0, 0)'s top-left corner
-    step: tuple[int, int]  # level-0 (sx, sy) cell size
-    shape: tuple[int, int]  # (rows, cols)
-
-    def world(self, mpp: float) -> dict[str, tuple[float, float]]:
-        """napari ``scale`` / ``translate`` (y, x) placing cell centres in the slide's world."""
-        (x0, y0), (sx, sy) = self.origin, self.step
-        return {
-            "scale": (sy * mpp, sx * mpp),
-            "translate": ((y0 + sy / 2 - 0.5) * mpp, (x0 + sx / 2 - 0.5) * mpp),
-        }
-
-
-# ---------------------------------------------------------------- grids
-
-
-def _step(patches: pd.DataFrame) -> int:
-    """The (square) grid step: gcd of the offsets between patch starts, refined by the patch size.
-
-    A regular TRIDENT/CLAM grid gives its step exactly (and an overlapping one the gcd of
-    step and size, so every cell is covered by whole patches). Irregular coordinates give
-    a tiny gcd; then the patch size is the cell and patches spread over cells by area."""
-    size = int(round(float(patches["width"].median())))
-    diffs = [np.diff(np.unique(patches[c].to_numpy(np.int64))) for c in ("x", "y")]
-    diffs = np.concatenate(diffs)
-    floor = max(1.0, size / 8)
-    step = int(np.gcd.reduce(diffs)) if len(diffs) else size
-    if step < floor:
-        return max(1, size)
-    refined = int(np.gcd(step, size))
-    return refined if refined >= floor else step
-
-
-def grid_for(patches: pd.DataFrame) -> Grid:
-    """The grid of one magnification's patches (level-0 px)."""
-    x = patches["x"].to_numpy(np.int64)
-    y = patches["y"].to_numpy(np.int64)
-    sx = sy = _step(patches)
-    x0, y0 = int(x.min()), int(y.min())
-    x1 = int((x + patches["width"].to_numpy(np.int64)).max())
-    y1 = int((y + patches["height"].to_numpy(np.int64)).max())
-    cols, rows = math.ceil((x1 - x0) / sx), math.ceil((y1 - y0) / sy)
-    while max(rows, cols) > MAX_CELLS:  # keep the grid small whatever the coordinates
-        sx, sy = sx * 2, sy * 2
-        cols, rows = math.ceil((x1 - x0) / sx), math.ceil((y1 - y0) / sy)
-    return Grid(origin=(x0, y0), step=(sx, sy), shape=(rows, cols))
-
-
-def _coverage(patches: pd.DataFrame, grid: Grid):
-    """Yield (flat cell index, covered area, in-grid mask) for each cell offset a patch reaches."""
-    (x0, y0), (sx, sy) = grid.origin, grid.step
-    rows, cols = grid.shape
-    px = patches["x"].to_numpy(np.float64) - x0
-    py = patches["y"].to_numpy(np.float64) - y0
-    pw = patches["width"].to_numpy(np.float64)
-    ph = patches["height"].to_numpy(np.float64)
-    c0 = np.floor(px / sx).astype(np.int64)
-    r0 = np.floor(py / sy).astype(np.int64)
-    span_c = int(np.max(np.ceil((px + pw) / sx) - c0)) if len(px) else 0
-    span_r = int(np.max(np.ceil((py + ph) / sy) - r0)) if len(py) else 0
-    for dr in range(span_r):
-        r = r0 + dr
-        oy = np.clip(np.minimum(py + ph, (r + 1) * sy) - np.maximum(py, r * sy), 0, None)
-        for dc in range(span_c):
-            c = c0 + dc
-            ox = np.clip(np.minimum(px + pw, (c + 1) * sx) - np.maximum(px, c * sx), 0, None)
-            area = ox * oy
-            ok = (area > 0) & (r >= 0) & (r < rows) & (c >= 0) & (c < cols)
-            yield r * cols + c, area, ok
-
-
-def mean_grid(patches: pd.DataFrame, values: np.ndarray, grid: Grid) -> np.ndarray:
-    """Area-weighted mean of ``values`` over the patches covering each cell; NaN where none."""
-    n = grid.shape[0] * grid.shape[1]
-    total = np.zeros(n, dtype=np.float64)
-    weight = np.zeros(n, dtype=np.float64)
-    values = np.asarray(values, dtype=np.float64)
-    for cell, area, ok in _coverage(patches, grid):
-        total += np.bincount(cell[ok], weights=area[ok] * values[ok], minlength=n)
-        weight += np.bincount(cell[ok], weights=area[ok], minlength=n)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = np.where(weight > 0, total / weight, np.nan)
-    return out.reshape(grid.shape).astype(np.float32)
-
-
-def label_grid(patches: pd.DataFrame, labels: np.ndarray, grid: Grid) -> np.ndarray:
-    """Per cell, the label of the patch covering most of it (0 where none)."""
-    n = grid.shape[0] * grid.shape[1]
-    best = np.zeros(n, dtype=np.float64)
-    out = np.zeros(n, dtype=np.int32)
-    labels = np.asarray(labels, dtype=np.int32)
-    for cell, area, ok in _coverage(patches, grid):
-        cell, area, lab = cell[ok], area[ok], labels[ok]
-        order = np.lexsort((-area, cell))  # per cell, largest area first
-        cell, area, lab = cell[order], area[order], lab[order]
-        first = np.ones(len(cell), dtype=bool)
-        first[1:] = cell[1:] != cell[:-1]
-        cell, area, lab = cell[first], area[first], lab[first]
-        better = area > best[cell]
-        best[cell[better]] = area[better]
-        out[cell[better]] = lab[better]
-    return out.reshape(grid.shape)
 
 
 # ---------------------------------------------------------------- display values
@@ -227,16 +125,6 @@ def check_patches(patches: pd.DataFrame) -> None:
         raise DismmError(f"prediction patches lack column(s) {', '.join(missing)}")
 
 
-def magnifications_of(patches: pd.DataFrame) -> list[str]:
-    """Magnifications present, coarsest first ("10x" before "20x")."""
-    def power(label: str) -> float:
-        try:
-            return float(str(label).lower().removesuffix("x"))
-        except ValueError:
-            return math.inf
-    return sorted({str(m) for m in patches["magnification"].unique()}, key=power)
-
-
 def world_frame(prediction: PredictionLike) -> tuple[float, tuple[str, str]]:
     """(µm per level-0 pixel, layer units) of a prediction's slide; pixels when mpp is unknown."""
     if prediction.mpp:
@@ -250,8 +138,14 @@ def prediction_layer_data(
     normalisation: str = "percentile",
     smoothing: float = 0.0,
     magnification: str | None = None,
+    colormaps: Mapping[str, str] | None = None,
+    transparent_low: bool = True,
 ) -> list[LayerData]:
     """All overlay layers of one prediction, bottom to top.
+
+    ``colormaps``: subspace (``"tumor"``, ``"TME"``) -> a :data:`~.colormaps.PERCEPTUAL`
+    name, defaults per subspace; ``transparent_low``: the attention fades out towards the
+    bottom of the contrast range (`viewer.colormaps`), so the tissue stays visible.
 
     ``magnification``: None = the finest present (what a pathologist looks at first),
     ``"all"`` = every magnification (only the finest visible), or a label such as ``"10x"``.
@@ -286,13 +180,17 @@ def prediction_layer_data(
         for subspace, (column, colormap) in maps.items():
             raw = mean_grid(rows, rows[column].to_numpy(), grid)
             shown, limits = display_grid(raw, normalisation=normalisation, smoothing=smoothing)
+            # a single-map model's map takes the tumor map's colours
+            cmap_name = (colormaps or {}).get(subspace if subspace in SUBSPACES else "tumor", colormap)
             meta = {
                 **base, "dismm_kind": "attention", "subspace": subspace, "magnification": mag,
                 "raw": raw, "normalisation": normalisation, "smoothing": float(smoothing),
                 "grid_origin": grid.origin, "grid_step": grid.step, "note": NOTE,
+                "colormap_name": cmap_name, "transparent_low": bool(transparent_low),
             }
             layers.append((shown, {
-                "name": f"{subspace} attention {mag}", **place, "units": units, "colormap": colormap,
+                "name": f"{subspace} attention {mag}", **place, "units": units,
+                "colormap": overlay_colormap(cmap_name, transparent_low=transparent_low),
                 "contrast_limits": limits, "opacity": 0.6, "blending": "translucent",
                 "visible": visible and subspace == next(iter(maps)),
                 "interpolation2d": "nearest", "metadata": meta,
@@ -301,6 +199,10 @@ def prediction_layer_data(
     shown = pd.concat([by_mag[m] for m in mags]) if mags else patches.iloc[:0]
     if len(shown):
         layers.append(patch_points_data(shown, mpp=mpp, units=units, base=base))
+    if (getattr(prediction, "scope", None) or {}).get("region"):  # a drawn region's prediction, not the slide's
+        for _, kwargs, _ in layers:
+            if kwargs["metadata"].get("dismm_kind") != "tissue":
+                kwargs["name"] = f"{kwargs['name']} (region)"
     return layers
 
 

@@ -6,11 +6,14 @@ Why it is built this way:
 - Progress is reported by `predict_slide` from the worker thread into a plain attribute;
   a 100 ms QTimer in the main thread copies it into a napari progress bar (Qt objects are
   touched from the main thread only).
-- Cancel sets an event that `predict_slide` polls once per encoded batch, so a run stops
-  within about a second; a second Run while one is going is refused with a message.
+- Cancel sets an event that the encoder polls before each of its layers, so a run stops
+  within a second while batches stay as large as the CLI's (same throughput); a second Run
+  while one is going is refused with a message.
 - Every user-caused error arrives as a one-line notification; the viewer never dies.
 - A second Run or another magnification refills the shown overlay layers (`layer_refill`):
   napari's cost of inserting a layer (~0.1 s each) is paid once per slide.
+- Attention fades out towards its low end (`viewer.colormaps`) in a perceptual colormap the
+  user picks per subspace, so the H&E stays visible; the only slide layer is pre-selected.
 """
 
 from __future__ import annotations
@@ -21,23 +24,26 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSlider, Label, PushButton
-from napari.layers import Image, Layer
+from napari.layers import Image, Layer, Shapes
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QTimer
 
 from napari_dismm.errors import DismmError
+from napari_dismm.viewer.colormaps import PERCEPTUAL, overlay_colormap
 from napari_dismm.viewer.layer_refill import pair_layers, refill, remember
 from napari_dismm.viewer.panel import PredictionPanel
 from napari_dismm.viewer.prediction_layers import NORMALISATIONS, display_grid, prediction_layer_data
 
 #: "finest" = the finest magnification present, "all" = every one (napari adds 0.07-0.11 s per layer)
 MAGNIFICATION_CHOICES = ("finest", "all", "10x", "20x")
+#: finer maps: patch overlap fractions offered (stride = patch x (1 - overlap); `fine_maps`)
+OVERLAP_CHOICES = (("none (patch grid)", 0.0), ("0.25", 0.25), ("0.5 (cells half a patch)", 0.5), ("0.75", 0.75))
 PREDICTION_KINDS = ("attention", "ita", "ita_centres", "tissue", "patches")
-#: patches per batch on a CPU: cancel is polled when a batch has been read (and every
-#: CANCEL_CHUNK = 4 patches while encoding), so a read batch of 4 keeps the gap between
-#: polls near 0.3 s on 2 cores; the CLI keeps large batches for throughput
-CPU_BATCH_SIZE = 4
+#: patches per batch on a CPU: the CLI's default; cancel is polled before every layer of the
+#: encoder's forward pass (`napari_dismm.cancel_inside`), so large batches still stop in ms
+CPU_BATCH_SIZE = 32
 GPU_BATCH_SIZE = 32
 
 
@@ -145,14 +151,24 @@ def add_prediction_layers(viewer, prediction, *, normalisation: str = "percentil
     return add_layer_tuples(viewer, tuples, prediction=prediction)
 
 
-def restyle_attention(layers, *, normalisation: str, smoothing: float, opacity: float | None = None) -> None:
-    """Recompute attention layers' display values from their raw grids (small, so instant)."""
+def restyle_attention(layers, *, normalisation: str, smoothing: float, opacity: float | None = None,
+                      colormaps: dict[str, str] | None = None, transparent_low: bool | None = None) -> None:
+    """Recompute attention layers' display values from their raw grids (small, so instant);
+    ``colormaps`` (subspace -> name) and ``transparent_low`` recolour them."""
     for layer in layers:
         if layer.metadata.get("dismm_kind") == "attention":
             data, limits = display_grid(layer.metadata["raw"], normalisation=normalisation, smoothing=smoothing)
             layer.data = data
             layer.contrast_limits = limits
             layer.metadata.update(normalisation=normalisation, smoothing=float(smoothing))
+            subspace = layer.metadata.get("subspace")
+            key = subspace if subspace == "TME" else "tumor"  # a single-map model's map: the tumor colours
+            name = (colormaps or {}).get(key, layer.metadata.get("colormap_name"))
+            fade = layer.metadata.get("transparent_low", True) if transparent_low is None else transparent_low
+            if name is not None and (name, fade) != (layer.metadata.get("colormap_name"),
+                                                     layer.metadata.get("transparent_low")):
+                layer.colormap = overlay_colormap(name, transparent_low=fade)
+                layer.metadata.update(colormap_name=name, transparent_low=bool(fade))
         if opacity is not None and layer.metadata.get("dismm_kind") in ("attention", "ita"):
             layer.opacity = opacity
 
@@ -163,6 +179,24 @@ def _available(prediction, magnification: str | None, notes: list[str]) -> str |
         return magnification
     notes.append(f"the prediction has no {magnification} patches; showing its finest magnification")
     return None
+
+
+def region_polygons(shapes: Shapes, slide: Image) -> list[list[tuple[float, float]]]:
+    """A shapes layer's shapes as level-0 (x, y) polygons of the slide under it.
+
+    Through the world frame, so a shapes layer drawn with any scale or translate works:
+    the slide layer's data coordinate is level-0 ``c - 0.5`` (see `prediction_layers`).
+    Rectangles and polygons are used as drawn; an ellipse counts as its bounding box;
+    lines and paths of fewer than three vertices have no area and are left out."""
+    out = []
+    for vertices in shapes.data:
+        vertices = np.asarray(vertices, dtype=np.float64)
+        if len(vertices) < 3:
+            continue
+        world = np.array([shapes.data_to_world(v) for v in vertices])
+        data = np.array([slide.world_to_data(w) for w in world])[:, -2:] + 0.5
+        out.append([(float(x), float(y)) for y, x in data])
+    return out
 
 
 def _batch_size(device: str) -> int:
@@ -185,6 +219,10 @@ class PredictionWidget(Container):
         self.model_dir = FileEdit(label="model", mode="d", value="")
         self.demo = CheckBox(text="use the demo model", value=False)
         self.device = ComboBox(label="device", choices=["auto", "cpu", "cuda"], value="auto")
+        self.region = ComboBox(label="region", choices=self._region_choices, nullable=True)
+        self.overlap = ComboBox(label="map overlap", choices=list(OVERLAP_CHOICES), value=0.0)
+        self.overlap_bag = CheckBox(text="model sees the overlapping grid (default: the grid it was trained on)",
+                                    value=False)
         self.run_button = PushButton(text="Run")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.status = Label(value="")
@@ -192,13 +230,17 @@ class PredictionWidget(Container):
         self.normalisation = ComboBox(label="normalise", choices=list(NORMALISATIONS), value="percentile")
         self.smoothing = FloatSlider(label="smoothing", min=0.0, max=5.0, step=0.25, value=0.0)
         self.opacity = FloatSlider(label="opacity", min=0.0, max=1.0, step=0.05, value=0.6)
+        self.tumor_colormap = ComboBox(label="tumor colours", choices=list(PERCEPTUAL), value=PERCEPTUAL[0])
+        self.tme_colormap = ComboBox(label="TME colours", choices=list(PERCEPTUAL), value=PERCEPTUAL[1])
+        self.fade = CheckBox(text="fade low attention (tissue shows through)", value=True)
         self.open_button = PushButton(text="Open bundle…")
         self.export_button = PushButton(text="Export bundle…")
         self.png_button = PushButton(text="Save view as PNG…")
         self.extend([
-            self.slide, self.model_dir, self.demo, self.device, self.run_button, self.cancel_button, self.status,
+            self.slide, self.region, self.model_dir, self.demo, self.device, self.overlap, self.overlap_bag,
+            self.run_button, self.cancel_button, self.status,
             self.magnification, self.normalisation, self.smoothing, self.opacity,
-            self.open_button, self.export_button, self.png_button,
+            self.tumor_colormap, self.tme_colormap, self.fade, self.open_button, self.export_button, self.png_button,
         ])
         self.panel = PredictionPanel()
         self.native.layout().addWidget(self.panel)
@@ -216,7 +258,8 @@ class PredictionWidget(Container):
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.cancel)
         self.demo.changed.connect(lambda on: setattr(self.model_dir, "enabled", not on))
-        for control in (self.normalisation, self.smoothing, self.opacity):
+        for control in (self.normalisation, self.smoothing, self.opacity, self.tumor_colormap, self.tme_colormap,
+                        self.fade):
             control.changed.connect(self._restyle)
         self.magnification.changed.connect(self._rebuild)
         self.open_button.changed.connect(self._ask_open_bundle)
@@ -232,8 +275,17 @@ class PredictionWidget(Container):
         return [(layer.name, layer) for layer in self.viewer.layers
                 if isinstance(layer, Image) and layer.metadata.get("dismm_kind") == "slide"]
 
+    def _region_choices(self, _widget=None) -> list[tuple[str, Any]]:
+        """Shapes layers a user drew (not the tissue outline): "none" predicts the whole slide."""
+        return [(f"{layer.name} (shapes inside only)", layer) for layer in self.viewer.layers
+                if isinstance(layer, Shapes) and "dismm_kind" not in layer.metadata]
+
     def _layers_changed(self, event=None) -> None:
         self.slide.reset_choices()
+        self.region.reset_choices()
+        slides = self._slide_choices()
+        if self.slide.value is None and len(slides) == 1:  # the only slide: nothing to choose
+            self.slide.value = slides[0][1]
         inserted = getattr(event, "value", None)
         if event is not None and event.type == "inserted":
             prediction = getattr(inserted, "metadata", {}).get("dismm_prediction")
@@ -264,12 +316,18 @@ class PredictionWidget(Container):
                 given = str(self.model_dir.value) or "nothing"
                 show_error(f"choose a model directory holding config.json (got {given})")
                 return False
+        region = None
+        if self.region.value is not None:
+            region = region_polygons(self.region.value, layer)
+            if not region:
+                show_error(f"the region layer {self.region.value.name!r} has no rectangle or polygon: draw one")
+                return False
         self._cancel = threading.Event()
         self._progress_state = ("starting", 0.0)
-        self._worker = self._make_worker(
+        self._worker = self._make_worker(region=region,
             slide_path=layer.metadata["slide_path"], model=model, device=self.device.value,
-            normalisation=self.normalisation.value, smoothing=float(self.smoothing.value),
-            magnification=self._magnification(),
+            overlap=float(self.overlap.value), bag="overlap" if self.overlap_bag.value else "grid",
+            magnification=self._magnification(), **self._display(),
         )
         from napari.utils import progress
 
@@ -296,15 +354,27 @@ class PredictionWidget(Container):
             self._progress_state = (stage, float(fraction))
             reports.append((time.perf_counter(), stage, float(fraction)))
 
-        def job(*, slide_path, model, device, normalisation, smoothing, magnification):
+        def job(*, slide_path, model, device, region, overlap, bag, magnification, **display):
             from napari_dismm.predict import Cancelled, predict_slide
 
             try:
-                prediction = predict_slide(slide_path=slide_path, model_dir=model, device=device,
-                                           batch_size=_batch_size(device), progress=report, cancel=cancel.is_set)
+                common = {"slide_path": slide_path, "model_dir": model, "device": device,
+                          "batch_size": _batch_size(device), "progress": report, "cancel": cancel.is_set}
+                if region is not None:
+                    from napari_dismm.region import predict_region
+
+                    if overlap > 0:
+                        notes.append("a region prediction uses the patch grid; the map overlap is not applied")
+                    prediction = predict_region(**common, region=region)
+                elif overlap > 0:
+                    from napari_dismm.fine_maps import predict_slide_fine
+
+                    prediction = predict_slide_fine(**common, overlap=overlap, bag=bag)
+                else:
+                    prediction = predict_slide(**common)
                 if cancel.is_set():
                     raise Cancelled("prediction cancelled")
-                tuples = prediction_layer_data(prediction, normalisation=normalisation, smoothing=smoothing,
+                tuples = prediction_layer_data(prediction, **display,
                                                magnification=_available(prediction, magnification, notes))
             except Cancelled:
                 self._cancelled_at = time.perf_counter()
@@ -390,12 +460,17 @@ class PredictionWidget(Container):
     def show_prediction(self, prediction) -> list[Layer]:
         """Add the overlays of an existing `Prediction` with the current display settings."""
         notes: list[str] = []
-        tuples = prediction_layer_data(prediction, normalisation=self.normalisation.value,
-                                       smoothing=float(self.smoothing.value),
+        tuples = prediction_layer_data(prediction, **self._display(),
                                        magnification=_available(prediction, self._magnification(), notes))
         for note in notes:
             show_warning(note)
         return self._show(prediction, tuples)
+
+    def _display(self) -> dict[str, Any]:
+        """The display settings of the attention layers, as `prediction_layer_data` takes them."""
+        return {"normalisation": self.normalisation.value, "smoothing": float(self.smoothing.value),
+                "colormaps": {"tumor": self.tumor_colormap.value, "TME": self.tme_colormap.value},
+                "transparent_low": bool(self.fade.value)}
 
     def _magnification(self) -> str | None:
         value = self.magnification.value
@@ -410,8 +485,7 @@ class PredictionWidget(Container):
 
     def _restyle(self, *_args) -> None:
         try:
-            restyle_attention(prediction_layers_in(self.viewer), normalisation=self.normalisation.value,
-                              smoothing=float(self.smoothing.value), opacity=float(self.opacity.value))
+            restyle_attention(prediction_layers_in(self.viewer), **self._display(), opacity=float(self.opacity.value))
         except DismmError as error:
             show_error(str(error))
 
