@@ -194,20 +194,26 @@ def _mag_attr(mag: float | None) -> int | float | None:
 # ----------------------------------------------------------------------------- reading
 
 
-def read_features(path: str | os.PathLike) -> FeatureFile:
-    """Read a feature file written here, by TRIDENT or by CLAM (or bare features + coords)."""
-    path = Path(path)
+def _open_feature_file(path: Path) -> h5py.File:
+    """The open h5 file at ``path`` with its ``features`` and ``coords`` datasets checked."""
     if not path.is_file():
         raise FeatureFileError(f"feature file not found: {path}")
     try:
         h5 = h5py.File(path, "r")
     except OSError as error:
         raise FeatureFileError(f"not a readable h5 feature file: {path} ({error})") from None
-    with h5:
-        for key in ("features", "coords"):
-            if key not in h5 or not isinstance(h5[key], h5py.Dataset):
-                found = ", ".join(sorted(h5.keys())) or "nothing"
-                raise FeatureFileError(f"{path}: no '{key}' dataset (found {found})")
+    for key in ("features", "coords"):
+        if key not in h5 or not isinstance(h5[key], h5py.Dataset):
+            found = ", ".join(sorted(h5.keys())) or "nothing"
+            h5.close()
+            raise FeatureFileError(f"{path}: no '{key}' dataset (found {found})")
+    return h5
+
+
+def read_features(path: str | os.PathLike) -> FeatureFile:
+    """Read a feature file written here, by TRIDENT or by CLAM (or bare features + coords)."""
+    path = Path(path)
+    with _open_feature_file(path) as h5:
         features = h5["features"][()]
         coords = h5["coords"][()]
         c_attrs = _attrs(h5["coords"].attrs)
@@ -223,17 +229,7 @@ def scan_features(path: str | os.PathLike, *, rows_per_read: int = 4096) -> tupl
     Why: a training run must refuse a broken file before it writes anything, not when the
     file's bag is first loaded mid-fold."""
     path = Path(path)
-    if not path.is_file():
-        raise FeatureFileError(f"feature file not found: {path}")
-    try:
-        h5 = h5py.File(path, "r")
-    except OSError as error:
-        raise FeatureFileError(f"not a readable h5 feature file: {path} ({error})") from None
-    with h5:
-        for key in ("features", "coords"):
-            if key not in h5 or not isinstance(h5[key], h5py.Dataset):
-                found = ", ".join(sorted(h5.keys())) or "nothing"
-                raise FeatureFileError(f"{path}: no '{key}' dataset (found {found})")
+    with _open_feature_file(path) as h5:
         data = h5["features"]
         shape = data.shape[1:] if data.ndim == 3 and data.shape[0] == 1 else data.shape
         if len(shape) != 2:

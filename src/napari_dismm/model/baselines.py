@@ -59,20 +59,10 @@ class LateFusionConfig:
 
 
 @dataclass
-class GenesOnlyConfig:
-    kind: str = "genes_only"
-    task: str = "classification"
-    n_outputs: int = 4
-    d_in: int = 1024
-    d: int = 128
-    magnifications: tuple[str, ...] = ("10x", "20x")
-    n_tumor_genes: int = 59
-    n_tme_genes: int = 361
-    dropout: float = 0.25
-    combine: str = "max_confidence"
+class GenesOnlyConfig(LateFusionConfig):
+    """Late fusion's settings; the slide part (d_in, magnifications) only checks the bags."""
 
-    def __post_init__(self) -> None:
-        validate_common(self)
+    kind: str = "genes_only"
 
 
 class GatedAttentionPool(nn.Module):
