@@ -124,8 +124,9 @@ class ModelSettings:
 @dataclass(frozen=True)
 class TeacherSettings:
     epochs: int = _f(30, "stage I epochs (maximum; early stopping may end sooner)", lo=1)
-    lr: float = _f(2e-3, "AdamW learning rate (at 2e-4 the planted regimes' teachers and baselines were far from "
-                       "converged after 30 epochs: ABMIL's training loss moved 1.39 -> 1.15 for 4 classes)", lo=0, lo_open=True)
+    # at 2e-4 the planted regimes' teachers and baselines were far from converged after 30
+    # epochs (ABMIL's training loss moved 1.39 -> 1.15 for 4 classes; README)
+    lr: float = _f(2e-3, "AdamW learning rate", lo=0, lo_open=True)
     weight_decay: float = _f(1e-5, "AdamW weight decay", lo=0)
     cgc: bool = _f(False, "confidence-guided gradient coordination on the fusion head (off by default: no gain "
                    "across the planted regimes, README)")
@@ -147,7 +148,10 @@ class TeacherSettings:
                              hi_open=True)
     slide_aux_weight: float = _f(1.0, "weight of the task loss of the slide-only head (keeps the attention maps "
                                  "finding the label's patches once the head reads the genes; 0 = no such head)", lo=0)
-    patience: int = _f(10, "epochs without validation improvement before stopping (0 = never stop early)", lo=0)
+    patience: int = _f(20, "epochs without validation improvement before stopping (0 = never stop early). Where only "
+                       "the slide carries the label the fused head first fits the noise of the genes and the slide "
+                       "path takes 9-13 epochs to find the patches; patience 10 stopped one fold of a planted cohort "
+                       "at its first epoch (README)", lo=0)
 
     def __post_init__(self) -> None:
         _check(self, "teacher")
@@ -190,7 +194,7 @@ class CVSettings:
 class BaselineSettings:
     run: tuple[str, ...] = _f(BASELINES, "baselines trained on the same folds", choices=BASELINES)
     epochs: int = _f(30, "baseline epochs (maximum)", lo=1)
-    lr: float = _f(2e-3, "AdamW learning rate (as the teacher's)", lo=0, lo_open=True)
+    lr: float = _f(2e-3, "AdamW learning rate", lo=0, lo_open=True)
     patience: int = _f(10, "early-stopping patience (0 = never stop early)", lo=0)
 
     def __post_init__(self) -> None:

@@ -156,6 +156,9 @@ def inspect_run(
                 raise DataError(f"{run}/{name}/fold_{k}: the split has only {split.n_folds} folds")
             model, doc = load_model(run / name / f"fold_{k}" / "best")
             kind = doc["model"]["kind"]
+            if kind == "genes_only":
+                say(f"{name}: reads no slide (kind {kind}); skipped")
+                break
             norm = None
             if kind in GENE_KINDS:
                 if cohort.expression is None:
