@@ -18,7 +18,8 @@ from training.ddp import DistContext, env_world_size, init_from_env
 from tests.training.synth_files import write_cohort
 
 REPO = Path(__file__).resolve().parents[2]
-# no dropout and no DEV (a batch variance does not split over processes); CGC stays on
+# no dropout (nor gene dropout: each process draws its own masks) and no DEV (a batch
+# variance does not split over processes); CGC on, to check it under DDP too
 CONFIG = """
 [model]
 d = 16
@@ -28,6 +29,8 @@ batch_size = 4
 [teacher]
 epochs = 1
 lr = 0.01
+gene_dropout = 0.0
+cgc = true
 """
 DRIVER = """
 import argparse, sys
