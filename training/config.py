@@ -148,10 +148,7 @@ class TeacherSettings:
                              hi_open=True)
     slide_aux_weight: float = _f(1.0, "weight of the task loss of the slide-only head (keeps the attention maps "
                                  "finding the label's patches once the head reads the genes; 0 = no such head)", lo=0)
-    patience: int = _f(20, "epochs without validation improvement before stopping (0 = never stop early). Where only "
-                       "the slide carries the label the fused head first fits the noise of the genes and the slide "
-                       "path takes 9-13 epochs to find the patches; patience 10 stopped one fold of a planted cohort "
-                       "at its first epoch (README)", lo=0)
+    patience: int = _f(10, "epochs without validation improvement before stopping (0 = never stop early)", lo=0)
 
     def __post_init__(self) -> None:
         _check(self, "teacher")
