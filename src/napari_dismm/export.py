@@ -61,6 +61,11 @@ def attention_geojson(prediction: Prediction, *, threshold_quantile: float = 0.9
             features.extend(_contour_features(prediction, rows, subspace, mag, threshold_quantile, bounds))
             features.extend(_top_k_features(rows, subspace, mag, top_k))
     features.extend(_tissue_features(prediction, bounds))
+    return _feature_collection(prediction, features)
+
+
+def _feature_collection(prediction: Prediction, features: list[dict[str, Any]], **properties: str) -> dict[str, Any]:
+    """A GeoJSON FeatureCollection naming the slide and model its features come from."""
     return {
         "type": "FeatureCollection",
         "features": features,
@@ -68,6 +73,7 @@ def attention_geojson(prediction: Prediction, *, threshold_quantile: float = 0.9
             "slide_id": prediction.slide_id,
             "slide_name": prediction.slide_name,
             "model_id": prediction.model_id,
+            **properties,
             "coordinate_space": "level-0 pixels (x, y)",
         },
     }
@@ -238,17 +244,7 @@ def detections_geojson(prediction: Prediction, *, magnification: str) -> dict[st
                 "measurements": {name: float(v[i]) for name, v in values.items()},
             },
         })
-    return {
-        "type": "FeatureCollection",
-        "features": features,
-        "properties": {
-            "slide_id": prediction.slide_id,
-            "slide_name": prediction.slide_name,
-            "model_id": prediction.model_id,
-            "magnification": str(magnification),
-            "coordinate_space": "level-0 pixels (x, y)",
-        },
-    }
+    return _feature_collection(prediction, features, magnification=str(magnification))
 
 
 def write_bundle_overlays(prediction: Prediction, directory: str | os.PathLike) -> list[str]:
