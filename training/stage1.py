@@ -28,15 +28,13 @@ from napari_dismm.features.h5 import read_features
 from napari_dismm.model.cgc import CGCStep
 from napari_dismm.model.losses import class_weights_from_labels, dev_loss_from_output, task_loss
 from napari_dismm.model.registry import build_model
+from napari_dismm.model.teacher import SLIDE_LOGITS
 from training.cohort import Cohort
 from training.config import TrainConfig
 from training.dataset import Batch, BagCache, FoldData, fold_datasets
 from training.ddp import SINGLE, DistContext
 from training.engine import FoldOutcome, LoopSettings, seed_for, train_fold
 from training.splits import Fold
-
-GENE_MODELS = ("teacher", "student", "late_fusion", "genes_only")  # need the expression at training time
-
 
 @dataclass
 class FoldSetup:
@@ -169,7 +167,7 @@ class SupervisedObjective:
         per_mag = torch.stack([self._task(lg, batch) for lg in out.per_magnification_logits.values()]).mean()
         loss = combined + per_mag
         parts = {"task": float(combined.detach()), "task_per_mag": float(per_mag.detach())}
-        slide_logits = [v for k, v in out.extras.items() if k.startswith("slide_logits.")]
+        slide_logits = [v for k, v in out.extras.items() if k.startswith(SLIDE_LOGITS)]
         if self.slide_aux_weight > 0 and slide_logits:
             slide = torch.stack([self._task(lg, batch) for lg in slide_logits]).mean()
             loss = loss + self.slide_aux_weight * slide

@@ -37,6 +37,10 @@ from napari_dismm.model.losses import DEV_FORMS
 from napari_dismm.model.outputs import SUBSPACES, ModelOutput
 
 
+#: key prefix of the slide-only head's logits in ``ModelOutput.extras`` (one per magnification)
+SLIDE_LOGITS = "slide_logits."
+
+
 @dataclass
 class TeacherConfig:
     """Architecture and the training switches that belong to the teacher.
@@ -167,7 +171,7 @@ class Teacher(nn.Module):
                 features[mag][u] = slide[u] if residual is None else slide[u] + residual[u]
             logits[mag] = self.fusion_heads[mag](features[mag]["tumor"], features[mag]["tme"])
             if cfg.slide_head:
-                extras[f"slide_logits.{mag}"] = self.slide_heads[mag](slide["tumor"], slide["tme"])
+                extras[SLIDE_LOGITS + mag] = self.slide_heads[mag](slide["tumor"], slide["tme"])
         combined = combine_magnifications(logits, task=cfg.task, how=cfg.combine)
         output = ModelOutput(
             logits=combined, per_magnification_logits=logits, attention=attention, features=features, extras=extras
