@@ -211,6 +211,7 @@ class SlideDataset(Dataset):
         self.cache = cache if cache is not None else BagCache()
         self._dims: dict[str, int] = {}
         self._genes = self._gene_vectors(normaliser)
+        self.bin_edges = bin_edges
         self._targets = self._make_targets(bin_edges)
 
     def _gene_vectors(self, normaliser: ExpressionNormaliser | None) -> dict[str, dict[str, Tensor]] | None:

@@ -123,6 +123,7 @@ class Predictions:
     event: np.ndarray | None = None
     time: np.ndarray | None = None
     attention: list[dict[str, dict[str, np.ndarray]]] = field(default_factory=list)  # per slide, unpadded
+    bin_edges: np.ndarray | None = None  # survival: survival[:, k] is S(bin_edges[k + 1])
 
 
 def iterate(dataset: SlideDataset, batch_size: int) -> list[list[int]]:
@@ -162,7 +163,7 @@ def predict(
     model.train(was_training)
     cat = {k: (torch.cat(v).numpy() if v else None) for k, v in rows.items()}
     return Predictions(slides, patients, cat["logits"], cat["target"], cat["probabilities"], cat["risk"],
-                       cat["survival"], cat["event"], cat["time"], maps)
+                       cat["survival"], cat["event"], cat["time"], maps, dataset.bin_edges)
 
 
 def prediction_loss(pred: Predictions, *, task: str, class_weights: Tensor | None) -> float:
@@ -186,7 +187,9 @@ def score(pred: Predictions, *, task: str) -> dict[str, float]:
         _, event = by_patient(pred.patient_ids, pred.event)
         if len(risk) < 2:
             return {"c_index": float("nan"), "logrank_p": float("nan")}
-        return survival_metrics(times=time, events=event.astype(np.int64), risks=risk)
+        curves = None if pred.survival is None or pred.bin_edges is None else by_patient(pred.patient_ids, pred.survival)[1]
+        at = None if curves is None else np.asarray(pred.bin_edges, dtype=float)[1:]
+        return survival_metrics(times=time, events=event.astype(np.int64), risks=risk, survival=curves, at=at)
 
 
 def main_metric(task: str) -> str:

@@ -176,3 +176,60 @@ def test_no_stray_warnings_on_a_clean_case():
         warnings.simplefilter("error")
         m = classification_metrics(y_true=y, probs=probs)
     assert m["accuracy"] == pytest.approx(4 / 6)
+
+
+# -- calibration ------------------------------------------------------------------------------
+
+
+def test_brier_and_ece_by_hand():
+    y = np.array([0, 1, 1, 0])
+    perfect = np.eye(2)[y]
+    cal = classification_metrics(y_true=y, probs=perfect)
+    assert cal["brier"] == 0.0 and cal["ece"] == 0.0
+    # always 90 % sure of class 0: right on half the patients -> ECE |0.5 - 0.9| = 0.4
+    sure = np.tile([0.9, 0.1], (4, 1))
+    cal = classification_metrics(y_true=y, probs=sure)
+    assert cal["ece"] == pytest.approx(0.4)
+    assert cal["brier"] == pytest.approx(np.mean([0.02, 1.62, 1.62, 0.02]))
+
+
+def test_ece_of_calibrated_probabilities_is_small():
+    rng = np.random.default_rng(0)
+    p1 = rng.uniform(0, 1, 20000)
+    y = (rng.uniform(0, 1, p1.size) < p1).astype(int)
+    probs = np.stack([1 - p1, p1], axis=1)
+    assert classification_metrics(y_true=y, probs=probs)["ece"] < 0.02
+    # the same ranking pushed to the extremes keeps its AUC and loses its calibration
+    sharp = np.stack([1 - p1**0.2, p1**0.2], axis=1)
+    sharp = sharp / sharp.sum(axis=1, keepdims=True)
+    assert classification_metrics(y_true=y, probs=sharp)["ece"] > 0.1
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_integrated_brier_score_equals_scikit_survival(seed):
+    sksurv_metrics = pytest.importorskip("sksurv.metrics")
+    from sksurv.util import Surv
+
+    rng = np.random.default_rng(seed)
+    t = rng.exponential(10, 60).round(1) + 0.1  # rounded: deaths and censorings tie
+    e = (rng.random(60) < 0.7).astype(int)
+    at = np.array([3.0, 6.0, 9.0, 12.0])
+    curves = np.exp(-at[None] / rng.uniform(5, 15, (60, 1)))
+    y = Surv.from_arrays(e.astype(bool), t)
+    expected = sksurv_metrics.integrated_brier_score(y, y, curves, at)
+    got = survival_metrics(times=t, events=e, risks=-curves.sum(1), survival=curves, at=at)
+    assert got["ibs"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_survival_calibration_in_the_large():
+    rng = np.random.default_rng(3)
+    t = rng.exponential(10, 4000)
+    e = np.ones_like(t, dtype=int)
+    at = np.array([5.0, 10.0, 20.0, np.inf])  # the last bin edge is open: skipped
+    truth = np.tile(np.exp(-at / 10), (t.size, 1))
+    right = survival_metrics(times=t, events=e, risks=np.zeros_like(t), survival=truth, at=at)
+    wrong = survival_metrics(times=t, events=e, risks=np.zeros_like(t), survival=truth**3, at=at)
+    assert right["calibration_gap"] < 0.02 < 0.1 < wrong["calibration_gap"]
+    assert right["ibs"] < wrong["ibs"]
+    # no curves: the ranking metrics only
+    assert set(survival_metrics(times=t[:50], events=e[:50], risks=t[:50])) == {"c_index", "logrank_p"}
