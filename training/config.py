@@ -146,6 +146,8 @@ class TeacherSettings:
     gene_dropout: float = _f(0.25, "training: share of samples whose gene embedding is dropped from the query and "
                              "the residual (so the fused head cannot lean on the genes alone)", lo=0, hi=1,
                              hi_open=True)
+    gene_gate: bool = _f(True, "the gene embedding enters the query and the residual through a learned scalar "
+                         "that starts at 0, so the slide is read before the genes can memorise patients")
     slide_aux_weight: float = _f(1.0, "weight of the task loss of the slide-only head (keeps the attention maps "
                                  "finding the label's patches once the head reads the genes; 0 = no such head)", lo=0)
     patience: int = _f(10, "epochs without validation improvement before stopping (0 = never stop early)", lo=0)

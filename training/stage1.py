@@ -127,6 +127,7 @@ def model_config(kind: str, setup: FoldSetup, *, cgc: bool = True, dev_weight: f
                     "subspace_split": subspace_split, "dev_form": setup.cfg.teacher.dev_form,
                     "spatial_context": setup.cfg.teacher.spatial_context if spatial_context is None else spatial_context,
                     "gene_residual": setup.cfg.teacher.gene_residual, "gene_dropout": setup.cfg.teacher.gene_dropout,
+                    "gene_gate": setup.cfg.teacher.gene_gate,
                     "slide_head": setup.cfg.teacher.slide_aux_weight > 0}
         case "student":
             return {**common, "k": m.k, "knn": m.knn, "n_heads": m.n_heads, "dropout": m.dropout,

@@ -28,6 +28,14 @@ def build(kind: str, task: str = "classification", dropout: float = 0.0, **kw):
 KINDS = ["teacher", "abmil", "late_fusion", "genes_only"]
 
 
+def open_gates(model: Teacher) -> Teacher:
+    """Gene gates at 1 (they start at 0): for tests of what the genes reach, not of the start."""
+    with torch.no_grad():
+        for gate in model.gene_gates.values():
+            gate.fill_(1.0)
+    return model
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("task", ["classification", "survival"])
 def test_padded_batch_equals_one_by_one(kind, task):
@@ -133,7 +141,7 @@ def test_teacher_dev_loss_end_to_end():
     from tests.model.model_helpers import grid_coords, pad_bags
 
     torch.manual_seed(4)
-    model = build("teacher")
+    model = open_gates(build("teacher"))  # a zero query would make every map uniform
     quarters = torch.tensor([[0, 0], [224, 0], [0, 224], [224, 224]], dtype=torch.float64)
     c10 = [grid_coords(n, 448, seed=n) for n in (6, 9, 4)]
     c20 = [(c[:, None] + quarters[None]).reshape(-1, 2) for c in c10]
@@ -170,7 +178,7 @@ def test_teacher_without_subspace_split_shares_one_gene_query():
     batch = make_batch([10, 14], [25, 30], d_in=D_IN, n_tumor=N_T, n_tme=N_E, seed=1)
     moved = {"tumor": batch["genes"]["tumor"], "tme": batch["genes"]["tme"] + 1.0}
     for split in (True, False):
-        model = build("teacher", subspace_split=split).eval()
+        model = open_gates(build("teacher", subspace_split=split)).eval()
         assert set(model.gene_encoders) == ({"tumor", "tme"} if split else {"all"})
         with torch.no_grad():
             a = model(batch["bags"], coords=batch["coords"], masks=batch["masks"], genes=batch["genes"]).attention["10x"]["tumor"]
@@ -199,7 +207,7 @@ def test_neighbour_mean_by_hand_and_in_any_order():
 def test_spatial_context_changes_the_maps_needs_coords_and_is_off_for_old_teachers():
     torch.manual_seed(4)
     batch = make_batch([9, 12], [20, 16], d_in=D_IN, n_tumor=N_T, n_tme=N_E, seed=2)
-    on, off = build("teacher").eval(), build("teacher", spatial_context=0.0).eval()
+    on, off = open_gates(build("teacher")).eval(), build("teacher", spatial_context=0.0).eval()
     off.load_state_dict(on.state_dict())
     with torch.no_grad():
         a = on(batch["bags"], coords=batch["coords"], masks=batch["masks"], genes=batch["genes"])
@@ -245,7 +253,7 @@ def test_slide_head_reads_the_slide_features_alone():
     """The slide-only logits (what keeps the maps finding the label's patches) do not move
     when only the gene residual would move them: with uniform bags they are one row for all."""
     torch.manual_seed(0)
-    model = build("teacher", spatial_context=0.0).eval()
+    model = open_gates(build("teacher", spatial_context=0.0)).eval()
     batch = make_batch([6] * 4, [9] * 4, d_in=D_IN, n_tumor=N_T, n_tme=N_E, seed=1)
     bags = {m: b[:1, :1].expand_as(b).clone() for m, b in batch["bags"].items()}
     masks = {m: torch.ones(b.shape[:2], dtype=torch.bool) for m, b in bags.items()}
@@ -254,3 +262,49 @@ def test_slide_head_reads_the_slide_features_alone():
         slide = out.extras[f"slide_logits.{mag}"]
         torch.testing.assert_close(slide, slide[:1].expand_as(slide))
         assert not torch.allclose(out.per_magnification_logits[mag], out.per_magnification_logits[mag][:1])
+
+
+def test_gene_gates_start_closed_and_open_by_training():
+    """At initialisation the teacher reads the slide alone (the genes' gates are 0, issue 13:
+    noise genes let the fused head memorise patients before the slide was read); the gates
+    get gradients, so labels that only the genes carry still open them."""
+    torch.manual_seed(0)
+    model = build("teacher", spatial_context=0.0).train()
+    batch = make_batch([6] * 8, [9] * 8, d_in=D_IN, n_tumor=N_T, n_tme=N_E, seed=1)
+    shuffled = {u: g.flip(0) for u, g in batch["genes"].items()}
+    with torch.no_grad():
+        model.eval()
+        a = model(batch["bags"], masks=batch["masks"], genes=batch["genes"]).logits
+        b = model(batch["bags"], masks=batch["masks"], genes=shuffled).logits
+        model.train()
+    torch.testing.assert_close(a, b)
+    bags = {m: x[:1, :1].expand_as(x).clone() for m, x in batch["bags"].items()}
+    masks = {m: torch.ones(x.shape[:2], dtype=torch.bool) for m, x in bags.items()}
+    target = torch.arange(8) % 3
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        out = model(bags, masks=masks, genes=batch["genes"])
+        loss = sum(task_loss(l, target, task="classification") for l in out.per_magnification_logits.values())
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    assert min(abs(float(model.gene_gates[f"residual_{u}"])) for u in ("tumor", "tme")) > 0.05
+    with torch.no_grad():
+        assert float(task_loss(model(bags, masks=masks, genes=batch["genes"]).logits, target,
+                               task="classification")) < 0.05
+
+
+def test_format_3_teachers_load_without_gates(tmp_path):
+    """A teacher saved before the gates (format 3) loads as trained: ungated genes."""
+    import json
+
+    from napari_dismm.model.checkpoint import load_model, save_model
+
+    model = build("teacher", gene_gate=False).eval()
+    save_model(model, tmp_path)
+    doc = json.loads((tmp_path / "config.json").read_text())
+    doc["format_version"] = 3
+    del doc["model"]["gene_gate"]
+    (tmp_path / "config.json").write_text(json.dumps(doc))
+    loaded, _ = load_model(tmp_path)
+    assert loaded.config.gene_gate is False and not hasattr(loaded, "gene_gates")
