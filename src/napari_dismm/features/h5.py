@@ -249,9 +249,10 @@ def scan_features(path: str | os.PathLike, *, rows_per_read: int = 4096) -> tupl
                     raise FeatureFileError(f"{path}: feature row {start + int(np.flatnonzero(~finite.all(axis=1))[0])} "
                                            "contains NaN or infinity")
         c_attrs = _attrs(h5["coords"].attrs)
-    check_geometry(FeatureFile(np.zeros((n, 0), np.float32), coords,
-                               level0_width=_int_or_none(c_attrs.get("level0_width")),
-                               level0_height=_int_or_none(c_attrs.get("level0_height"))), where=str(path))
+        r_attrs = _attrs(h5.attrs)
+    shell = _interpret(np.zeros((n, 0), np.float32), coords, c_attrs, {}, r_attrs)
+    check_geometry(shell, where=str(path))
+    bag_footprint(shell, where=str(path))  # off the lattice of its footprint: refused before training
     return n, d
 
 
