@@ -13,6 +13,12 @@ Neighbours are found by hashing lattice cells of the patch size (sorted keys and
 ``searchsorted``: O(N log N)); the mean is one sparse product (at most 9 entries per row,
 nothing of size N x N). With an overlapping tiling several
 patches share a cell; each neighbouring cell then contributes one of them.
+
+The patch size is each bag's own footprint (issue 14: a cohort mixes 0.25 and 0.5 um/px
+scanners, whose patches cover 896 or 448 level-0 pixels at 10x): with one cohort-wide size a
+bag of the other scanner finds no neighbour and the context is silently off. Training
+subsets (spatial blocks, training/dataset.py) and whole bags at prediction go through the
+same ``neighbour_pairs``.
 """
 
 from __future__ import annotations
