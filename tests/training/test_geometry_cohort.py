@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from napari_dismm.features.h5 import read_features, write_features
+from napari_dismm.model.grid import grid_index_20x_to_10x
 from napari_dismm.predict import predict_features
 from tests.training.synth_files import write_cohort
 from training.cohort import load_cohort
@@ -52,6 +53,20 @@ def test_a_mixed_scanner_cohort_trains_and_predicts_the_same_slide_alike(tmp_pat
     setup = prepare_fold(cohort, fold, 0, cfg, use_genes=True)
     footprints = {setup.data.train.cache.footprint(s.features["10x"]) for s in setup.data.train.slides}
     assert footprints == {448.0, 896.0}
+    # the training subsets (through the dataset, reseeded per epoch) keep every 20x patch's parent
+    subset_seen = False
+    for epoch in (0, 1):
+        setup.data.train.set_epoch(epoch)
+        for i in range(len(setup.data.train)):
+            item = setup.data.train[i]
+            whole = setup.data.val.cache.get(setup.data.train.slides[i].features["20x"])[1]
+            subset_seen |= len(item.coords["20x"]) < len(whole)
+            index = grid_index_20x_to_10x(item.coords["10x"][None], item.coords["20x"][None], None, None,
+                                          patch_size_10x_level0=item.footprints["10x"],
+                                          patch_size_20x_level0=item.footprints["20x"])
+            assert bool((index >= 0).all())
+    assert subset_seen
+    setup.data.train.set_epoch(0)
     outcome = train_supervised_fold(kind="teacher", name="teacher", setup=setup, out_dir=tmp_path / "teacher")
     devs = [row["train_dev"] for row in outcome.history if "train_dev" in row]
     assert devs and all(math.isfinite(v) and 0 <= v <= 4 for v in devs)
