@@ -86,7 +86,6 @@ class BagCache:
                 self.nbytes -= f.nbytes + c.nbytes
         return item
 
-
     def footprint(self, path: str | Path) -> float | None:
         """The bag's patch side in level-0 px (``bag_footprint``; None if unknown), read once."""
         path = Path(path)
@@ -341,6 +340,7 @@ class SlideDataset(Dataset):
 
 # -- training-time subsets that keep geometry ------------------------------------------------
 
+
 def geometric_subset(
     coords: dict[str, np.ndarray],
     footprints: dict[str, float | None],
@@ -364,7 +364,10 @@ def geometric_subset(
     mags = [m for m in coords if len(coords[m])]
     if all(len(c) <= max_patches for c in coords.values()):
         return {m: None for m in coords}
-    coarse = min(mags, key=magnification_number)
+    try:
+        coarse = min(mags, key=magnification_number)
+    except ValueError:  # magnifications not named like "20x": no way to relate their lattices
+        return _random_subset(coords, max_patches, rng)
     known = {m: f for m, f in footprints.items() if m in mags and f is not None and f > 0}
     if not known:  # fewer than two positions everywhere and no attribute: nothing spatial to keep
         return _random_subset(coords, max_patches, rng)
@@ -373,16 +376,14 @@ def geometric_subset(
         m, f = next(iter(known.items()))
         fp_coarse = f * magnification_number(m) / magnification_number(coarse)
     low = coords[coarse].min(axis=0).astype(np.float64)
-    block_ids: dict[str, np.ndarray] = {}
     cells = max(1, int(block_cells))
     while True:
         offset = rng.integers(0, cells, size=2) * fp_coarse
         origin, side = low - offset, cells * fp_coarse
-        block_ids = {}
+        block_ids = {}  # mag -> (n, 2) block of each patch's centre
         for m in mags:
             fp = known.get(m, fp_coarse * magnification_number(coarse) / magnification_number(m))
-            b = np.floor((coords[m] + fp / 2.0 - origin) / side).astype(np.int64)
-            block_ids[m] = b
+            block_ids[m] = np.floor((coords[m] + fp / 2.0 - origin) / side).astype(np.int64)
         every = np.concatenate([block_ids[m] for m in mags])
         lo = every.min(axis=0)
         span = int(every[:, 0].max() - lo[0]) + 1
