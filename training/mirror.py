@@ -171,11 +171,17 @@ def _batches(n: int, size: int, rng: np.random.Generator) -> list[list[int]]:
     return out
 
 
+def _footprints(batch, mags) -> dict[str, torch.Tensor] | None:
+    """Each bag's patch footprint per magnification (the lattice of the positional convolution)."""
+    return None if batch.footprints is None else {m: batch.footprints[m] for m in mags if m in batch.footprints}
+
+
 def _pretrain_loss(model: Mirror, dataset: SlideDataset, idx: list[int], genes: GeneInput, mags, device):
     batch = collate_bags([dataset[i] for i in idx]).to(device)
     vectors = torch.stack([genes.vectors[p] for p in batch.patient_ids]).to(device)
     return model.pretrain_losses({m: batch.bags[m] for m in mags}, genes=vectors,
-                                 coords={m: batch.coords[m] for m in mags}, masks={m: batch.masks[m] for m in mags})
+                                 coords={m: batch.coords[m] for m in mags}, masks={m: batch.masks[m] for m in mags},
+                                 footprints=_footprints(batch, mags))
 
 
 @torch.no_grad()
@@ -299,7 +305,8 @@ def embeddings(model: Mirror, dataset: SlideDataset, *, mags, device="cpu") -> t
     def feats(batch):
         batch = batch.to(device)
         return model.embed({m: batch.bags[m] for m in mags}, coords={m: batch.coords[m] for m in mags},
-                           masks={m: batch.masks[m] for m in mags}).float().cpu().numpy()
+                           masks={m: batch.masks[m] for m in mags},
+                           footprints=_footprints(batch, mags)).float().cpu().numpy()
 
     frozen = _frozen(dataset, feats)
     return frozen.x, frozen

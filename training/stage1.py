@@ -83,7 +83,10 @@ class FoldSetup:
 
 def _patch_info(cohort: Cohort, patients: tuple[str, ...]) -> tuple[int, int | None, float, dict[str, Any]]:
     """(d_in, patch size, 10x patch footprint in level-0 px, encoder record: recipe, weights
-    hash and pixel pipeline, which ``dismm predict`` checks) from one training slide."""
+    hash and pixel pipeline, which ``dismm predict`` checks) from one training slide.
+
+    The footprint is only the models' fallback (``patch_size_10x_level0``) for a bag whose
+    own is unknown: every bag carries its own (``Batch.footprints``, issue 14)."""
     slide = cohort.slides_of(patients)[0]
     first = read_features(slide.features[cohort.magnifications[0]])
     mag10 = "10x" if "10x" in cohort.magnifications else cohort.magnifications[0]
@@ -101,6 +104,7 @@ def prepare_fold(
     data = fold_datasets(
         cohort, fold, max_patches=cfg.data.max_patches, seed=seed_for(cfg.cv.seed, "patches", index),
         n_bins=cfg.data.n_bins, log1p=cfg.data.log1p, use_genes=use_genes, cache=cache,
+        block_cells=cfg.data.block_cells,
     )
     weights = None
     if cohort.task == "classification":
@@ -144,7 +148,7 @@ class SupervisedObjective:
 
     def __init__(self, model: nn.Module, *, task: str, class_weights: Tensor | None,
                  dev_weight: float = 0.0, cgc: bool = False, patch_size_10x_level0: float = 448.0,
-                 dev_scale: float = 1e4, dev_form: str = "agreement", dev_warmup: int = 0,
+                 dev_scale: float = 1.0, dev_form: str = "agreement", dev_warmup: int = 0,
                  slide_aux_weight: float = 0.0) -> None:
         self.task = task
         self.slide_aux_weight = slide_aux_weight
@@ -175,7 +179,8 @@ class SupervisedObjective:
             parts["task_slide"] = float(slide.detach())
         if self.dev_weight > 0 and len(batch) >= 2 and self.epoch >= self.dev_warmup:
             dev = dev_loss_from_output(out, batch.coords, batch.masks,
-                                       patch_size_10x_level0=self.patch_size_10x_level0, scale=self.dev_scale,
+                                       patch_size_10x_level0=self.patch_size_10x_level0,
+                                       footprints=batch.footprints, scale=self.dev_scale,
                                        form=self.dev_form)
             loss = loss + self.dev_weight * dev
             parts["dev"] = float(dev.detach())
@@ -214,7 +219,7 @@ def train_supervised_fold(
     objective = SupervisedObjective(model, task=setup.task, class_weights=setup.class_weights,
                                     dev_weight=dev_weight, cgc=cgc,
                                     patch_size_10x_level0=setup.patch_size_10x_level0,
-                                    dev_scale=getattr(model.config, "dev_scale", 1e4),
+                                    dev_scale=getattr(model.config, "dev_scale", 1.0),
                                     dev_form=getattr(model.config, "dev_form", "agreement"),
                                     dev_warmup=cfg.teacher.dev_warmup if kind == "teacher" else 0,
                                     slide_aux_weight=cfg.teacher.slide_aux_weight if kind == "teacher" else 0.0)

@@ -130,7 +130,7 @@ class DistillationObjective:
     def train_loss(self, net: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, float]]:
         with torch.no_grad():
             t_out = self.teacher(batch.bags, **batch.model_kwargs())
-        s_out = net(batch.bags, coords=batch.coords, masks=batch.masks, genes=None)
+        s_out = net(batch.bags, coords=batch.coords, masks=batch.masks, genes=None, footprints=batch.footprints)
         combined = self._task(s_out.logits, batch)
         terms = []
         for mag, logits in s_out.per_magnification_logits.items():

@@ -285,13 +285,14 @@ def _predict_from_files(model, spec: ModelSpec, files: dict[str, Path], *, genes
                         timings: dict[str, float], slide, contours) -> Prediction:
     import torch
 
-    from napari_dismm.features.h5 import check_geometry, read_features
+    from napari_dismm.features.h5 import bag_footprint, check_geometry, read_features
 
     t0 = time.perf_counter()
-    loaded = {}
+    loaded, footprint = {}, {}
     for mag, path in files.items():
         ff = read_features(path)
         check_geometry(ff, where=f"feature file {Path(path).name}")
+        footprint[mag] = bag_footprint(ff, where=f"feature file {Path(path).name}")
         check_features_match(spec, encoder=ff.encoder, dim=ff.dim, where=f"feature file {Path(path).name} has",
                              weights_hash=ff.encoder_weights_hash, preprocessing=ff.encoder_preprocessing)
         loaded[mag] = ff
@@ -313,8 +314,12 @@ def _predict_from_files(model, spec: ModelSpec, files: dict[str, Path], *, genes
     coords = {m: torch.from_numpy(loaded[m].coords).unsqueeze(0).to(dev) for m in present}
     gene_t = None if genes is None else {
         u: torch.as_tensor(np.asarray(v, dtype=np.float32)).reshape(1, -1).to(dev) for u, v in genes.items()}
+    # each bag's own patch footprint (a 0.25 um/px slide's patches cover twice the level-0
+    # pixels of a 0.5 um/px one): the same neighbour and parent rules as in training
+    footprints = {m: torch.tensor([np.nan if footprint[m] is None else footprint[m]], dtype=torch.float64, device=dev)
+                  for m in present}
     with torch.inference_mode():
-        out = model(bags, coords=coords, genes=gene_t)
+        out = model(bags, coords=coords, genes=gene_t, footprints=footprints)
     timings["model"] = time.perf_counter() - t0
     _report(progress, "model", 1.0)
 

@@ -122,7 +122,8 @@ def test_subsampling_is_seeded_per_epoch_and_keeps_rows_together(cohort):
     ds = SlideDataset(cohort=cohort, max_patches=10, seed=5)
     full = SlideDataset(cohort=cohort)
     a = ds[0]
-    assert all(a.bags[m].shape[0] == 10 for m in MAGS)
+    # whole spatial blocks are kept (issue 14), so a bag fills the cap without always hitting it
+    assert all(0 < a.bags[m].shape[0] <= 10 for m in MAGS)
     for mag in MAGS:
         whole = full[0]
         # each kept feature row still sits with its own coordinates

@@ -30,7 +30,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from napari_dismm.errors import FeatureFileError
+from napari_dismm.errors import DataError, FeatureFileError
 
 #: bumped when the meaning of what we write changes (also part of the cache key)
 FORMAT_VERSION = 1
@@ -249,9 +249,10 @@ def scan_features(path: str | os.PathLike, *, rows_per_read: int = 4096) -> tupl
                     raise FeatureFileError(f"{path}: feature row {start + int(np.flatnonzero(~finite.all(axis=1))[0])} "
                                            "contains NaN or infinity")
         c_attrs = _attrs(h5["coords"].attrs)
-    check_geometry(FeatureFile(np.zeros((n, 0), np.float32), coords,
-                               level0_width=_int_or_none(c_attrs.get("level0_width")),
-                               level0_height=_int_or_none(c_attrs.get("level0_height"))), where=str(path))
+        r_attrs = _attrs(h5.attrs)
+    shell = _interpret(np.zeros((n, 0), np.float32), coords, c_attrs, {}, r_attrs)
+    check_geometry(shell, where=str(path))
+    bag_footprint(shell, where=str(path))  # off the lattice of its footprint: refused before training
     return n, d
 
 
@@ -402,6 +403,60 @@ def check_geometry(ff: FeatureFile, *, where: str) -> None:
                 f"{where}: {int(outside.sum())} patch(es) start outside the slide's "
                 f"{ff.level0_width} x {ff.level0_height} px"
             )
+
+
+def lattice_step(coords: np.ndarray) -> int | None:
+    """The smallest positive gap between patch positions along x or y (the grid step of a
+    tiled slide); None when no two patches differ (fewer than two distinct positions)."""
+    coords = np.asarray(coords)
+    gaps = [np.diff(np.unique(coords[:, axis])) for axis in (0, 1)] if len(coords) else []
+    gaps = np.concatenate(gaps) if gaps else np.zeros(0)
+    gaps = gaps[gaps > 0]
+    return int(gaps.min()) if gaps.size else None
+
+
+def bag_footprint(ff: FeatureFile, *, where: str) -> float | None:
+    """The patch side of this bag in level-0 pixels: the file's ``patch_size_level0``, else
+    the lattice step of its coordinates; None when neither is known (fewer than two
+    distinct positions and no attribute).
+
+    Why per bag: a cohort mixes scanners (0.25 and 0.5 um/px), so the same magnification
+    covers 896 or 448 level-0 pixels per 224-px patch; a model that looks up neighbours or
+    10x parents with one cohort-wide size silently finds none on the other scanner.
+    The coordinates must lie on the lattice this footprint implies (its step minus the
+    file's overlap): off-lattice patches would make neighbours and parents garbage, so
+    they are refused with one line naming the file (DataError)."""
+    declared = ff.patch_size_level0
+    if declared is not None and declared <= 0:
+        raise DataError(f"{where}: patch_size_level0 = {declared} is not a patch size")
+    stride = declared
+    if declared is not None and ff.overlap and ff.patch_size:
+        stride = declared - int(round(ff.overlap * declared / ff.patch_size))
+    if declared is None:
+        stride = lattice_step(ff.coords)
+        if stride is None:
+            return None
+    if stride <= 0:
+        raise DataError(f"{where}: overlap {ff.overlap} px is not smaller than the patch ({ff.patch_size} px)")
+    off = off_lattice(ff.coords, stride)
+    if off:
+        said = (f"the declared footprint (patch_size_level0 = {declared}" +
+                (f", overlap {ff.overlap}" if stride != declared else "") + ")") if ff.patch_size_level0 else \
+            "their own smallest gap (no patch_size_level0 in the file)"
+        raise DataError(f"{where}: {off} of {len(ff.coords)} patches are not on the {stride}-px lattice of {said}; "
+                        "neighbours and 10x parents would be wrong")
+    return float(declared if declared is not None else stride)
+
+
+def off_lattice(coords: np.ndarray, step: float, *, tolerance: float | None = None) -> int:
+    """How many patches lie off the lattice of ``step`` anchored at the lowest x and y
+    (tolerance: 1 px or 1 % of the step, for tilers that round each position)."""
+    coords = np.asarray(coords, dtype=np.float64)
+    if not len(coords):
+        return 0
+    tol = max(1.0, 0.01 * step) if tolerance is None else tolerance
+    rest = np.mod(coords - coords.min(axis=0), step)
+    return int((np.minimum(rest, step - rest) > tol).any(axis=1).sum())
 
 
 def _as_coords(coords: Any, *, where: str) -> np.ndarray:

@@ -115,8 +115,8 @@ class ABMIL(nn.Module):
             {m: TaskHead(task=config.task, in_features=config.d, n_outputs=config.n_outputs) for m in config.magnifications}
         )
 
-    def forward(self, bags, *, coords=None, masks=None, genes=None) -> ModelOutput:
-        """``coords`` and ``genes`` are accepted for the shared signature and ignored."""
+    def forward(self, bags, *, coords=None, masks=None, genes=None, footprints=None) -> ModelOutput:
+        """``coords``, ``genes`` and ``footprints`` are accepted for the shared signature and ignored."""
         cfg = self.config
         present = check_bags(bags, masks, magnifications=cfg.magnifications, d_in=cfg.d_in)
         logits, attention, features = {}, {}, {}
@@ -143,7 +143,7 @@ class LateFusion(nn.Module):
             }
         )
 
-    def forward(self, bags, *, coords=None, masks=None, genes=None) -> ModelOutput:
+    def forward(self, bags, *, coords=None, masks=None, genes=None, footprints=None) -> ModelOutput:
         cfg = self.config
         present = check_bags(bags, masks, magnifications=cfg.magnifications, d_in=cfg.d_in)
         batch = bags[present[0]].shape[0]
@@ -171,7 +171,7 @@ class GenesOnly(nn.Module):
         })
         self.head = SubspaceFusionHead(task=config.task, d=config.d, n_outputs=config.n_outputs)
 
-    def forward(self, bags, *, coords=None, masks=None, genes=None) -> ModelOutput:
+    def forward(self, bags, *, coords=None, masks=None, genes=None, footprints=None) -> ModelOutput:
         """The same logits stand for every magnification given (the slide is not read)."""
         cfg = self.config
         present = check_bags(bags, masks, magnifications=cfg.magnifications, d_in=cfg.d_in)

@@ -13,6 +13,12 @@ Neighbours are found by hashing lattice cells of the patch size (sorted keys and
 ``searchsorted``: O(N log N)); the mean is one sparse product (at most 9 entries per row,
 nothing of size N x N). With an overlapping tiling several
 patches share a cell; each neighbouring cell then contributes one of them.
+
+The patch size is each bag's own footprint (issue 14: a cohort mixes 0.25 and 0.5 um/px
+scanners, whose patches cover 896 or 448 level-0 pixels at 10x): with one cohort-wide size a
+bag of the other scanner finds no neighbour and the context is silently off. Training
+subsets (spatial blocks, training/dataset.py) and whole bags at prediction go through the
+same ``neighbour_pairs``.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["lattice_neighbour_mean", "magnification_number", "with_context"]
+__all__ = ["lattice_neighbour_mean", "magnification_number", "neighbour_counts", "neighbour_pairs", "with_context"]
 
 _OFFSETS = [(dx, dy) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
 
@@ -43,33 +49,63 @@ def lattice_neighbour_mean(tokens: Tensor, coords: Tensor, *, step: float) -> Te
     return _neighbour_mean(tokens[None], coords[None], None, step=step)[0]
 
 
-def _neighbour_mean(tokens: Tensor, coords: Tensor, mask: Tensor | None, *, step: float) -> Tensor:
+def _per_bag(step: float | Tensor, bsz: int, device: torch.device) -> Tensor:
+    """(B, 1, 1) float64 steps from one number or a (B,) tensor (each bag its own footprint)."""
+    steps = torch.as_tensor(step, dtype=torch.float64, device=device).reshape(-1)
+    if steps.numel() == 1:
+        steps = steps.expand(bsz)
+    if steps.shape != (bsz,) or not bool((steps > 0).all()):
+        raise ValueError(f"step must be one positive number or one per bag ({bsz}), got {tuple(steps.shape)}")
+    return steps[:, None, None]
+
+
+def neighbour_pairs(coords: Tensor, mask: Tensor | None, *, step: float | Tensor) -> tuple[Tensor, Tensor]:
+    """(rows, cols) into the flattened (B * N) patches: patch ``rows[k]`` has ``cols[k]``
+    in its 3 x 3 lattice block (itself included). ``step``: one footprint for all bags or
+    (B,) one per bag. The only neighbour rule: training subsets and whole bags at
+    prediction both go through it."""
+    bsz, n = coords.shape[:2]
+    device = coords.device
+    valid = torch.ones(bsz, n, dtype=torch.bool, device=device) if mask is None else mask.bool()
+    c = coords.to(torch.float64)
+    lowest = torch.where(valid[..., None], c, torch.full_like(c, torch.inf)).amin(dim=1, keepdim=True)
+    cells = torch.round((c - lowest.nan_to_num(posinf=0.0)) / _per_bag(step, bsz, device))
+    cells = torch.where(valid[..., None], cells, torch.zeros_like(cells)).long() + 1  # >= 1 on valid rows
+    span = int(cells.max()) + 2
+    bag = torch.arange(bsz, device=device)[:, None]
+    key = (bag * span + cells[..., 1]) * span + cells[..., 0]
+    key = torch.where(valid, key, torch.full_like(key, -1)).reshape(-1)  # padding is never a neighbour
+    order = torch.argsort(key, stable=True)
+    sorted_key = key[order]
+    rows, cols = [], []
+    every = torch.arange(bsz * n, device=device)
+    flat_valid = valid.reshape(-1)
+    for dx, dy in _OFFSETS:
+        wanted = ((bag * span + cells[..., 1] + dy) * span + cells[..., 0] + dx).reshape(-1)
+        pos = torch.searchsorted(sorted_key, wanted).clamp(max=bsz * n - 1)
+        found = (sorted_key[pos] == wanted) & flat_valid
+        rows.append(every[found])
+        cols.append(order[pos][found])
+    return torch.cat(rows), torch.cat(cols)
+
+
+def neighbour_counts(coords: Tensor, mask: Tensor | None, *, step: float | Tensor) -> Tensor:
+    """(B, N) patches in each patch's 3 x 3 block (itself included; 0 on padding)."""
+    bsz, n = coords.shape[:2]
+    if n == 0:
+        return torch.zeros(bsz, 0, dtype=torch.long, device=coords.device)
+    rows, _ = neighbour_pairs(coords, mask, step=step)
+    return torch.bincount(rows, minlength=bsz * n).reshape(bsz, n)
+
+
+def _neighbour_mean(tokens: Tensor, coords: Tensor, mask: Tensor | None, *, step: float | Tensor) -> Tensor:
     """(B, N, d) neighbourhood means of a padded batch, all bags at once (one sort of
     (bag, cell) keys, one ``searchsorted`` per neighbour offset, one sparse product)."""
     bsz, n, _ = tokens.shape
     if n == 0:
         return tokens
-    valid = torch.ones(bsz, n, dtype=torch.bool, device=tokens.device) if mask is None else mask.bool()
-    c = coords.to(torch.float64)
-    lowest = torch.where(valid[..., None], c, torch.full_like(c, torch.inf)).amin(dim=1, keepdim=True)
-    cells = torch.round((c - lowest.nan_to_num(posinf=0.0)) / step)
-    cells = torch.where(valid[..., None], cells, torch.zeros_like(cells)).long() + 1  # >= 1 on valid rows
-    span = int(cells.max()) + 2
-    bag = torch.arange(bsz, device=tokens.device)[:, None]
-    key = (bag * span + cells[..., 1]) * span + cells[..., 0]
-    key = torch.where(valid, key, torch.full_like(key, -1)).reshape(-1)  # padding is never a neighbour
-    order = torch.argsort(key, stable=True)
-    sorted_key = key[order]
+    rows, cols = neighbour_pairs(coords.to(tokens.device), mask, step=step)
     flat = tokens.reshape(bsz * n, -1)
-    rows, cols = [], []
-    every = torch.arange(bsz * n, device=tokens.device)
-    for dx, dy in _OFFSETS:
-        wanted = ((bag * span + cells[..., 1] + dy) * span + cells[..., 0] + dx).reshape(-1)
-        pos = torch.searchsorted(sorted_key, wanted).clamp(max=bsz * n - 1)
-        found = sorted_key[pos] == wanted
-        rows.append(every[found])
-        cols.append(order[pos][found])
-    rows, cols = torch.cat(rows), torch.cat(cols)
     count = torch.bincount(rows, minlength=bsz * n).clamp_min(1).to(flat.dtype)
     # the neighbourhood mean as one sparse (BN x BN) product: cheap forward and backward
     weights = torch.sparse_coo_tensor(torch.stack([rows, cols]), 1.0 / count[rows], (bsz * n, bsz * n),
@@ -77,10 +113,12 @@ def _neighbour_mean(tokens: Tensor, coords: Tensor, mask: Tensor | None, *, step
     return torch.sparse.mm(weights, flat).reshape(tokens.shape)
 
 
-def with_context(tokens: Tensor, coords: Tensor, mask: Tensor | None, *, step: float, weight: float) -> Tensor:
+def with_context(tokens: Tensor, coords: Tensor, mask: Tensor | None, *, step: float | Tensor,
+                 weight: float) -> Tensor:
     """(B, N, d) tokens mixed with their neighbourhood: (1 - weight) t_i + weight * mean.
 
-    Padding (``mask`` False) is neither a neighbour nor changed."""
+    ``step``: the patch footprint in level-0 pixels, one number or (B,) one per bag (a
+    cohort mixes scanners). Padding (``mask`` False) is neither a neighbour nor changed."""
     if weight == 0:
         return tokens
     mixed = (1 - weight) * tokens + weight * _neighbour_mean(tokens, coords, mask, step=step)

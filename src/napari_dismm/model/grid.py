@@ -45,24 +45,40 @@ def _containing_patch(c10: Tensor, centres: Tensor, size: float, chunk: int = 40
     return result
 
 
+def _sizes(size: float | Tensor | None, batch: int, name: str) -> Tensor | None:
+    """(B,) float64 per-bag sizes from one number or a (B,) tensor (None stays None)."""
+    if size is None:
+        return None
+    sizes = torch.as_tensor(size, dtype=torch.float64).detach().cpu().reshape(-1)
+    if sizes.numel() == 1:
+        sizes = sizes.expand(batch)
+    if sizes.shape != (batch,):
+        raise DataError(f"{name} must be one number or one per bag ({batch}), got shape {tuple(sizes.shape)}")
+    if not bool((sizes > 0).all()):
+        raise DataError(f"{name} must be > 0, got {sizes.tolist()}")
+    return sizes
+
+
 def grid_index_20x_to_10x(
     coords10: Tensor,
     coords20: Tensor,
     masks10: Tensor | None,
     masks20: Tensor | None,
     *,
-    patch_size_10x_level0: float,
-    patch_size_20x_level0: float | None = None,
+    patch_size_10x_level0: float | Tensor,
+    patch_size_20x_level0: float | Tensor | None = None,
 ) -> Tensor:
     """(B, N20) long: index of the 10x patch containing each 20x patch's centre, -1 if none
-    or padding. Coordinates are level-0 top-left (x, y); the 20x patch size defaults to half
-    the 10x one (same pixel size, twice the magnification)."""
-    if patch_size_10x_level0 <= 0:
-        raise DataError(f"patch_size_10x_level0 must be > 0, got {patch_size_10x_level0}")
-    half20 = (patch_size_20x_level0 or patch_size_10x_level0 / 2) / 2
+    or padding. Coordinates are level-0 top-left (x, y). Sizes are level-0 patch sides,
+    one number or (B,) one per bag (a cohort mixes 0.25 and 0.5 um/px scanners: each bag
+    its own footprint); the 20x size defaults to half the 10x one."""
     if coords10.ndim != 3 or coords20.ndim != 3 or coords10.shape[0] != coords20.shape[0]:
         raise DataError(f"coords must be (B, N, 2), got {tuple(coords10.shape)} and {tuple(coords20.shape)}")
     batch, n20 = coords20.shape[:2]
+    sizes10 = _sizes(patch_size_10x_level0, batch, "patch_size_10x_level0")
+    sizes20 = _sizes(patch_size_20x_level0, batch, "patch_size_20x_level0")
+    if sizes20 is None:
+        sizes20 = sizes10 / 2
     index = torch.full((batch, n20), -1, dtype=torch.long)
     with torch.no_grad():
         for i in range(batch):
@@ -72,11 +88,12 @@ def grid_index_20x_to_10x(
             valid20 = torch.nonzero(keep20).squeeze(1)
             if len(valid10) == 0 or len(valid20) == 0:
                 continue
+            size10 = float(sizes10[i])
             c10 = coords10[i].cpu().double()[valid10]
-            centres = coords20[i].cpu().double()[valid20] + half20
-            local = _lattice_lookup(c10, centres, float(patch_size_10x_level0))
+            centres = coords20[i].cpu().double()[valid20] + float(sizes20[i]) / 2
+            local = _lattice_lookup(c10, centres, size10)
             if local is None:
-                local = _containing_patch(c10, centres, float(patch_size_10x_level0))
+                local = _containing_patch(c10, centres, size10)
             index[i, valid20] = torch.where(local >= 0, valid10[local.clamp(min=0)], -1)
     return index.to(coords20.device)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 
 from napari_dismm.errors import DataError
@@ -53,3 +54,19 @@ def check_genes(genes: dict[str, Tensor] | None, *, widths: dict[str, int], batc
         if genes[name].shape != (batch, width):
             raise DataError(f"genes[{name!r}] must be ({batch}, {width}), got {tuple(genes[name].shape)}")
     return genes
+
+
+def bag_steps(footprints: dict[str, Tensor] | None, mag: str, *, batch: int, default: float,
+              device: torch.device | str | None = None) -> Tensor:
+    """(B,) float64: each bag's patch footprint at ``mag`` in level-0 pixels.
+
+    ``footprints[mag]`` (B,) comes from each bag's feature file (training: ``Batch``;
+    prediction: ``predict.py``); where it is absent, NaN or not positive, ``default`` (the
+    model's configured footprint) stands in, so old callers and old models keep working."""
+    fallback = torch.full((batch,), float(default), dtype=torch.float64, device=device)
+    if footprints is None or footprints.get(mag) is None:
+        return fallback
+    given = torch.as_tensor(footprints[mag]).to(device=fallback.device, dtype=torch.float64).reshape(-1)
+    if given.shape != (batch,):
+        raise DataError(f"footprints {mag!r} must be ({batch},), one per bag; got {tuple(given.shape)}")
+    return torch.where(torch.isfinite(given) & (given > 0), given, fallback)

@@ -19,6 +19,7 @@ from torch import Tensor
 from napari_dismm.errors import DataError
 from napari_dismm.model.grid import grid_index_20x_to_10x, pool_onto_10x
 from napari_dismm.model.heads import check_task
+from napari_dismm.model.inputs import bag_steps
 from napari_dismm.model.outputs import SUBSPACES
 
 # --- task losses -------------------------------------------------------------------
@@ -150,7 +151,7 @@ def _pearson(a: Tensor, b: Tensor, mask: Tensor | None) -> Tensor:
     return F.cosine_similarity(ac, bc, dim=1, eps=1e-12)
 
 
-def dev_term(a10: Tensor, pooled20: Tensor, *, scale: float = 1e4, form: str = "agreement",
+def dev_term(a10: Tensor, pooled20: Tensor, *, scale: float = 1.0, form: str = "agreement",
              mask: Tensor | None = None) -> Tensor:
     """One subspace's DEV (see above); ``mask`` (B, N10) marks each sample's real 10x
     cells. Zero when B < 2, in every form (METHOD.md: DEV needs a batch of two or more)."""
@@ -177,29 +178,32 @@ def dev_loss(
     masks10: Tensor | None,
     masks20: Tensor | None,
     *,
-    patch_size_10x_level0: float,
-    scale: float = 1e4,
+    patch_size_10x_level0: float | Tensor = 448.0,
+    patch_size_20x_level0: float | Tensor | None = None,
+    scale: float = 1.0,
     index: Tensor | None = None,
     form: str = "agreement",
 ) -> Tensor:
-    """L_DEV = L_T + L_E over the batch (see ``dev_term``).
+    """L_DEV = (L_T + L_E) / 2 over the batch (see ``dev_term``; the mean of the two
+    subspaces, so the agreement form lies in [0, 4] per slide whatever the bag size).
 
     ``att10[u]`` (B, N10) and ``att20[u]`` (B, N20) are the per-patch attentions of subspace
     u; each 20x weight is added to the 10x patch containing its centre, so sample i's two
     vectors live in its own N10_i space; samples are zero-padded to the batch's N10 so the
-    off-diagonal S_ij (needed by the row normalisation) is defined. ``index`` may pass a
+    off-diagonal S_ij (needed by the row normalisation) is defined. Patch sizes: one number
+    or (B,) each bag's own footprint (``grid_index_20x_to_10x``). ``index`` may pass a
     precomputed ``grid_index_20x_to_10x`` (it depends only on the coordinates)."""
     if index is None:
         index = grid_index_20x_to_10x(
-            coords10, coords20, masks10, masks20, patch_size_10x_level0=patch_size_10x_level0
+            coords10, coords20, masks10, masks20, patch_size_10x_level0=patch_size_10x_level0,
+            patch_size_20x_level0=patch_size_20x_level0,
         )
-    total = None
+    terms = []
     for u in SUBSPACES:
         a10 = att10[u] if masks10 is None else att10[u] * masks10.to(att10[u].dtype)
         pooled = pool_onto_10x(att20[u], index, a10.shape[1])
-        term = dev_term(a10, pooled, scale=scale, form=form, mask=masks10)
-        total = term if total is None else total + term
-    return total
+        terms.append(dev_term(a10, pooled, scale=scale, form=form, mask=masks10))
+    return torch.stack(terms).mean()
 
 
 def dev_loss_from_output(
@@ -207,16 +211,23 @@ def dev_loss_from_output(
     coords: dict[str, Tensor],
     masks: dict[str, Tensor] | None,
     *,
-    patch_size_10x_level0: float,
-    scale: float = 1e4,
+    patch_size_10x_level0: float = 448.0,
+    footprints: dict[str, Tensor] | None = None,
+    scale: float = 1.0,
     index: Tensor | None = None,
     form: str = "agreement",
 ) -> Tensor:
-    """``dev_loss`` on a teacher ModelOutput (needs both "10x" and "20x")."""
+    """``dev_loss`` on a teacher ModelOutput (needs both "10x" and "20x"). ``footprints``
+    (mag -> (B,)) gives each bag's own patch sides (``Batch.footprints``); where absent
+    or NaN, ``patch_size_10x_level0`` (and half of it at 20x) stands in."""
     missing = [m for m in ("10x", "20x") if m not in output.attention or m not in coords]
     if missing:
         raise DataError(f"DEV needs attention and coords at 10x and 20x; missing {missing}")
     masks = masks or {}
+    batch = coords["10x"].shape[0]
+    size10 = bag_steps(footprints, "10x", batch=batch, default=patch_size_10x_level0)
+    size20 = bag_steps(footprints, "20x", batch=batch, default=float("nan"))
+    size20 = torch.where(torch.isnan(size20), size10 / 2, size20)  # a bag's 20x patch: half its 10x one
     return dev_loss(
         output.attention["10x"],
         output.attention["20x"],
@@ -224,7 +235,8 @@ def dev_loss_from_output(
         coords["20x"],
         masks.get("10x"),
         masks.get("20x"),
-        patch_size_10x_level0=patch_size_10x_level0,
+        patch_size_10x_level0=size10,
+        patch_size_20x_level0=size20,
         scale=scale,
         index=index,
         form=form,

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from napari_dismm.errors import DataError, ModelConfigError
 from napari_dismm.model.config import validate_common
 from napari_dismm.model.heads import TaskHead
-from napari_dismm.model.inputs import check_bags, mask_for
+from napari_dismm.model.inputs import bag_steps, check_bags, mask_for
 from napari_dismm.model.mirror_encoders import RNAEncoder, SlideEncoder
 from napari_dismm.model.mirror_losses import (
     alignment_loss,
@@ -151,6 +151,13 @@ class RetentionDecoder(nn.Module):
         return self.out(self.block(x))
 
 
+def _steps(footprints: dict[str, Tensor] | None, mag: str, batch: int) -> list[float | None]:
+    """Each bag's footprint at ``mag`` (None where not given: the lattice is read off the
+    coordinates, as before footprints were passed)."""
+    steps = bag_steps(footprints, mag, batch=batch, default=float("nan"))
+    return [None if not math.isfinite(v) else v for v in steps.tolist()]
+
+
 class Mirror(nn.Module):
     """MIRROR slide + RNA encoders with the pretraining heads and a probe head."""
 
@@ -189,8 +196,11 @@ class Mirror(nn.Module):
     def encode_slides(
         self, bags: dict[str, Tensor], *, coords: dict[str, Tensor] | None = None,
         masks: dict[str, Tensor] | None = None, return_attention: bool = False,
+        footprints: dict[str, Tensor] | None = None,
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """Per magnification: [CLS] (B, d) and, if asked, attention (B, N) (0 on padding)."""
+        """Per magnification: [CLS] (B, d) and, if asked, attention (B, N) (0 on padding).
+        ``footprints[mag]`` (B,): each bag's patch side in level-0 px, the step of the
+        positional convolution's lattice (absent or NaN: read off the coordinates)."""
         cfg = self.config
         present = check_bags(bags, masks, magnifications=cfg.magnifications, d_in=cfg.d_in)
         cls, attention = {}, {}
@@ -199,11 +209,12 @@ class Mirror(nn.Module):
             bsz, n_max, _ = x.shape
             mask = mask_for(masks, mag)
             xy = self._coords(coords, mag, x)
+            steps = _steps(footprints, mag, bsz)
             rows, maps = [], []
             for b in range(bsz):
                 keep = torch.arange(n_max, device=x.device) if mask is None else mask[b].nonzero().squeeze(1)
                 c, _, a = self.slide[mag](x[b].index_select(0, keep), xy[b].index_select(0, keep),
-                                          return_attention=return_attention)
+                                          return_attention=return_attention, step=steps[b])
                 rows.append(c)
                 if a is not None:
                     maps.append(a.new_zeros(n_max).index_copy(0, keep, a))
@@ -213,9 +224,9 @@ class Mirror(nn.Module):
         return cls, attention
 
     def embed(self, bags: dict[str, Tensor], *, coords: dict[str, Tensor] | None = None,
-              masks: dict[str, Tensor] | None = None) -> Tensor:
+              masks: dict[str, Tensor] | None = None, footprints: dict[str, Tensor] | None = None) -> Tensor:
         """The slide embedding (B, d): mean of the magnifications' [CLS] (what probes read)."""
-        cls, _ = self.encode_slides(bags, coords=coords, masks=masks)
+        cls, _ = self.encode_slides(bags, coords=coords, masks=masks, footprints=footprints)
         return torch.stack(list(cls.values())).mean(dim=0)
 
     @staticmethod
@@ -235,9 +246,11 @@ class Mirror(nn.Module):
     def forward(
         self, bags: dict[str, Tensor], *, coords: dict[str, Tensor] | None = None,
         masks: dict[str, Tensor] | None = None, genes: dict[str, Tensor] | None = None,
+        footprints: dict[str, Tensor] | None = None,
     ) -> ModelOutput:
         """WSI only (``genes`` accepted and ignored, as the student does)."""
-        cls, attention = self.encode_slides(bags, coords=coords, masks=masks, return_attention=True)
+        cls, attention = self.encode_slides(bags, coords=coords, masks=masks, return_attention=True,
+                                            footprints=footprints)
         per_mag = {m: self.probe_logits(c) for m, c in cls.items()}
         logits = self.probe_logits(torch.stack(list(cls.values())).mean(dim=0))
         output = ModelOutput(
@@ -251,7 +264,7 @@ class Mirror(nn.Module):
 
     def pretrain_losses(
         self, bags: dict[str, Tensor], *, genes: Tensor, coords: dict[str, Tensor],
-        masks: dict[str, Tensor] | None = None,
+        masks: dict[str, Tensor] | None = None, footprints: dict[str, Tensor] | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """(weighted total, parts) for a batch of slides and their patients' gene vectors
         (B, n_genes). Masks are drawn from torch's global generator (seed it to repeat)."""
@@ -264,11 +277,12 @@ class Mirror(nn.Module):
         for mag in present:
             x, mask = bags[mag], mask_for(masks, mag)
             xy = self._coords(coords, mag, x)
+            steps = _steps(footprints, mag, bsz)
             rows = []
             for b in range(bsz):
                 keep = torch.arange(x.shape[1], device=x.device) if mask is None else mask[b].nonzero().squeeze(1)
                 bag_xy = xy[b].index_select(0, keep)
-                c, tokens, _ = self.slide[mag](x[b].index_select(0, keep), bag_xy)
+                c, tokens, _ = self.slide[mag](x[b].index_select(0, keep), bag_xy, step=steps[b])
                 rows.append(c)
                 hidden = self._token_mask(tokens.shape[0], tokens.device)
                 pred = self.slide_decoders[mag](tokens, bag_xy, hidden)

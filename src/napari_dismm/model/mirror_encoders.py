@@ -38,17 +38,23 @@ def _axis_step(values: Tensor) -> Tensor:
     return gaps.min() if gaps.numel() else values.new_ones(())
 
 
-def lattice_cells(coords: Tensor) -> tuple[Tensor, tuple[int, int]]:
+def lattice_cells(coords: Tensor, *, step: float | None = None) -> tuple[Tensor, tuple[int, int]]:
     """(n, 2) level-0 (x, y) -> ((n, 2) long (row, col) cells, (rows, cols)).
 
-    The step per axis is the smallest gap between patch positions (the patch grid of a
-    tiled slide); if the lattice would exceed ``MAX_CELLS_PER_PATCH`` cells per patch the
-    step grows until it fits. Depends only on the set of coordinates, never their order."""
+    The step is the bag's patch footprint when given (its feature file's, so a subset of a
+    bag and the whole bag share one lattice), else per axis the smallest gap between patch
+    positions (the patch grid of a tiled slide); if the lattice would exceed
+    ``MAX_CELLS_PER_PATCH`` cells per patch the step grows until it fits. Depends only on
+    the set of coordinates, never their order."""
     xy = coords.to(torch.float64)
     if xy.ndim != 2 or xy.shape[1] != 2:
         raise DataError(f"coords must be (n, 2), got {tuple(coords.shape)}")
     low = xy.amin(dim=0)
-    step = torch.stack([_axis_step(xy[:, 0]), _axis_step(xy[:, 1])])
+    if step is not None and step > 0:
+        step_xy = xy.new_full((2,), float(step))
+    else:
+        step_xy = torch.stack([_axis_step(xy[:, 0]), _axis_step(xy[:, 1])])
+    step = step_xy
     limit = max(MAX_CELLS_PER_PATCH * xy.shape[0], 64)
     while True:
         cells = torch.round((xy - low) / step).long()
@@ -66,10 +72,10 @@ class LatticeConv(nn.Module):
         super().__init__()
         self.convs = nn.ModuleList(nn.Conv2d(d, d, k, padding=k // 2, groups=d) for k in kernels)
 
-    def forward(self, tokens: Tensor, coords: Tensor) -> Tensor:
+    def forward(self, tokens: Tensor, coords: Tensor, *, step: float | None = None) -> Tensor:
         if tokens.shape[0] == 0:
             return tokens
-        cells, (rows, cols) = lattice_cells(coords)
+        cells, (rows, cols) = lattice_cells(coords, step=step)
         flat = cells[:, 0] * cols + cells[:, 1]
         d = tokens.shape[1]
         grid = tokens.new_zeros(rows * cols, d).index_add(0, flat, tokens)
@@ -120,9 +126,11 @@ class SlideEncoder(nn.Module):
         self.position = LatticeConv(d)
         self.norm = nn.LayerNorm(d)
 
-    def forward(self, x: Tensor, coords: Tensor, *, return_attention: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+    def forward(self, x: Tensor, coords: Tensor, *, return_attention: bool = False,
+                step: float | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
         """``attention``: the last block's [CLS] row over the n patches, averaged over heads,
-        renormalised without the [CLS] itself (sums to 1); None unless asked for."""
+        renormalised without the [CLS] itself (sums to 1); None unless asked for. ``step``:
+        the bag's patch footprint in level-0 px (None: read off the coordinates)."""
         if x.shape[0] == 0:
             raise DataError("a slide bag needs at least one patch")
         tokens = torch.cat([self.cls.to(x.dtype), self.embed(x)], dim=0)
@@ -133,7 +141,7 @@ class SlideEncoder(nn.Module):
                 attention = weights[1:] / weights[1:].sum().clamp_min(torch.finfo(weights.dtype).tiny)
             tokens = block(tokens)
             if i == 0:  # TransMIL: the positional convolution after the first layer
-                tokens = torch.cat([tokens[:1], self.position(tokens[1:], coords)], dim=0)
+                tokens = torch.cat([tokens[:1], self.position(tokens[1:], coords, step=step)], dim=0)
         tokens = self.norm(tokens)
         return tokens[0], tokens[1:], attention
 

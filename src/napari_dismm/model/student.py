@@ -190,7 +190,10 @@ class Student(nn.Module):
         coords: dict[str, Tensor] | None = None,
         masks: dict[str, Tensor] | None = None,
         genes: dict[str, Tensor] | None = None,
+        footprints: dict[str, Tensor] | None = None,
     ) -> ModelOutput:
+        """``footprints`` is accepted for the shared signature: the student's coordinate
+        encoding divides by each bag's own extent, so it needs no patch size."""
         cfg = self.config
         present = check_bags(bags, masks, magnifications=cfg.magnifications, d_in=cfg.d_in)
         logits, attention, features, ita = {}, {}, {}, {}

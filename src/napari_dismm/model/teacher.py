@@ -36,7 +36,7 @@ from napari_dismm.model.config import validate_common
 from napari_dismm.model.context import magnification_number, with_context
 from napari_dismm.model.dmf import SubspaceCrossAttention
 from napari_dismm.model.heads import SubspaceFusionHead, combine_magnifications
-from napari_dismm.model.inputs import check_bags, check_genes, mask_for
+from napari_dismm.model.inputs import bag_steps, check_bags, check_genes, mask_for
 from napari_dismm.model.layers import SNN, PatchEmbedding
 from napari_dismm.model.losses import DEV_FORMS
 from napari_dismm.model.outputs import SUBSPACES, ModelOutput
@@ -78,7 +78,7 @@ class TeacherConfig:
     combine: str = "max_confidence"
     cgc: bool = True
     dev_weight: float = 3e-4
-    dev_scale: float = 1e4
+    dev_scale: float = 1.0  # issue 14: DEV is the mean of the subspaces' terms at scale 1 (was sum x 1e4)
     dev_form: str = "agreement"
     patch_size_10x_level0: float = 448.0
     subspace_split: bool = True
@@ -160,9 +160,11 @@ class Teacher(nn.Module):
         coords: dict[str, Tensor] | None = None,
         masks: dict[str, Tensor] | None = None,
         genes: dict[str, Tensor] | None = None,
+        footprints: dict[str, Tensor] | None = None,
     ) -> ModelOutput:
         """``coords`` place each patch's neighbourhood (``spatial_context``; DEV pooling
-        reads them in the loss too)."""
+        reads them in the loss too); ``footprints[mag]`` (B,) each bag's patch side in
+        level-0 px (absent or NaN: ``patch_size_10x_level0`` scaled to the magnification)."""
         cfg = self.config
         present = check_bags(bags, masks, magnifications=cfg.magnifications, d_in=cfg.d_in)
         batch = bags[present[0]].shape[0]
@@ -180,7 +182,8 @@ class Teacher(nn.Module):
             tokens = self.embed[mag](bags[mag])
             mask = mask_for(masks, mag)
             if cfg.spatial_context:
-                step = cfg.patch_size_10x_level0 * 10.0 / magnification_number(mag)
+                step = bag_steps(footprints, mag, batch=batch, device=tokens.device,
+                                 default=cfg.patch_size_10x_level0 * 10.0 / magnification_number(mag))
                 tokens = with_context(tokens, coords[mag], mask, step=step, weight=cfg.spatial_context)
             attention[mag], features[mag] = {}, {}
             slide = {}
