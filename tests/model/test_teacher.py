@@ -29,10 +29,13 @@ KINDS = ["teacher", "abmil", "late_fusion", "genes_only"]
 
 
 def open_gates(model: Teacher) -> Teacher:
-    """Gene gates at 1 (they start at 0): for tests of what the genes reach, not of the start."""
+    """Gene gates fully open, x 1 (they start at 0): for tests of what the genes reach, not of
+    the start."""
+    from napari_dismm.model.teacher import GATE_GAIN
+
     with torch.no_grad():
         for gate in model.gene_gates.values():
-            gate.fill_(1.0)
+            gate.fill_(1.0 / GATE_GAIN)
     return model
 
 
@@ -288,7 +291,7 @@ def test_gene_gates_start_closed_and_open_by_training():
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
-    assert min(abs(float(model.gene_gates[f"residual_{u}"])) for u in ("tumor", "tme")) > 0.05
+    assert min(abs(float(model.gene_gates[f"residual_{u}"])) for u in ("tumor", "tme")) > 0.02
     with torch.no_grad():
         assert float(task_loss(model(bags, masks=masks, genes=batch["genes"]).logits, target,
                                task="classification")) < 0.05

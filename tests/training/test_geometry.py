@@ -151,7 +151,7 @@ def test_mixed_scanner_pair_maps_20x_patches_to_their_own_10x_parent(tmp_path):
 def _teacher(**overrides):
     cfg = {"kind": "teacher", "task": "classification", "n_outputs": 2, "d_in": 4, "d": 8, "n_heads": 2,
            "n_tumor_genes": 3, "n_tme_genes": 3, "spatial_context": 0.5, "patch_size_10x_level0": 448.0,
-           "dropout": 0.0, "gene_dropout": 0.0}
+           "dropout": 0.0, "gene_dropout": 0.0, "gene_gate": False}  # closed gates: uniform maps at init
     torch.manual_seed(0)
     return build_model({**cfg, **overrides}).eval()
 
