@@ -16,7 +16,7 @@ cohorts are bit-identical to those generated before the option existed.
 
 Real scale (issue 14), both opt-in and leaving default cohorts bit-identical:
 ``patches_20x`` gives each slide about that many 20x patches (each slide within
-``SIZE_SPREAD`` of it; the 10x bag is a quarter, on the same tissue), drawn in float32
+``size_spread``, 20 % by default, of it; the 10x bag is a quarter, on the same tissue), drawn in float32
 so 48 slides of 9k patches take seconds. ``scanner_mix`` scans that share of the slides
 at ``mpp_level0`` (0.25 µm/px) and the rest at twice it (0.5 µm/px): a 0.25 µm/px slide's
 patches cover twice as many level-0 pixels, so its footprints (``patch_size_level0``) and
@@ -40,7 +40,7 @@ import numpy as np
 REGION_OTHER, REGION_TUMOR, REGION_TME = 0, 1, 2
 REGION_NAMES = ("other", "tumor", "tme")
 LABEL_SOURCES = ("both", "tumor")
-SIZE_SPREAD = 0.2           # real-scale bags: 20x size uniform in patches_20x * (1 -/+ SIZE_SPREAD)
+SIZE_SPREAD = 0.2           # real-scale bags: 20x size uniform in patches_20x * (1 -/+ SIZE_SPREAD) by default
 MAX_PATCHES_20X = 400_000   # beyond any real slide; keeps a typo from filling the disk
 SCANNER_STREAM = 14         # key of the side random stream that picks each slide's scanner
 
@@ -65,6 +65,7 @@ class SynthConfig:
     seed: int = 0
     patches_20x: int | None = None        # real scale: mean 20x patches per slide (None: grid_min..grid_max ellipses)
     scanner_mix: float = 1.0              # share of slides at mpp_level0; the rest at 2 * mpp_level0
+    size_spread: float = SIZE_SPREAD      # real scale: each slide's 20x bag in patches_20x * (1 -/+ size_spread)
 
     def __post_init__(self) -> None:
         if self.task not in ("classification", "survival"):
@@ -83,6 +84,8 @@ class SynthConfig:
             raise ValueError(f"patches_20x must be 64..{MAX_PATCHES_20X}, got {self.patches_20x}")
         if not 0.0 <= self.scanner_mix <= 1.0:
             raise ValueError(f"scanner_mix must be in [0, 1], got {self.scanner_mix}")
+        if not 0.0 <= self.size_spread < 1.0:
+            raise ValueError(f"size_spread must be in [0, 1), got {self.size_spread}")
         if self.feature_dim < 4:
             raise ValueError(f"feature_dim must be >= 4 (four planted directions), got {self.feature_dim}")
 
@@ -145,9 +148,9 @@ def _layout(rng: np.random.Generator, cfg: SynthConfig) -> tuple[np.ndarray, np.
 
 
 def _real_layout(rng: np.random.Generator, cfg: SynthConfig) -> tuple[np.ndarray, np.ndarray]:
-    """An ellipse of exactly n10 cells (about patches_20x / 4, within SIZE_SPREAD): the cells of
+    """An ellipse of exactly n10 cells (about patches_20x / 4, within size_spread): the cells of
     smallest elliptic radius, in row-major order."""
-    n10 = max(16, int(round(cfg.patches_20x / 4 * rng.uniform(1 - SIZE_SPREAD, 1 + SIZE_SPREAD))))
+    n10 = max(16, int(round(cfg.patches_20x / 4 * rng.uniform(1 - cfg.size_spread, 1 + cfg.size_spread))))
     aspect = rng.uniform(0.6, 1.0)
     a = np.sqrt(n10 / (np.pi * aspect))   # semi-axes in cells: pi a b = n10
     b = aspect * a
