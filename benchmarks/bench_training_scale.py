@@ -17,9 +17,11 @@ step, then ``--steps`` timed steps (mean reported). Peak memory is the step's ow
 the rise of the process's peak resident set (VmHWM, reset just before the warm-up step
 through ``/proc/self/clear_refs``) over the resident set at that moment, so it excludes the
 interpreter, torch and the collated batch (given separately as ``input MB``); on CUDA,
-``torch.cuda.max_memory_allocated`` over the allocation before the step. Growth exponent:
-the log-log slope of time (and of step memory) from the smallest to the largest size, and
-between the two largest; 1.0 is linear, the goal is <= 1.15.
+``torch.cuda.max_memory_allocated`` over the allocation before the step. Time is wall
+seconds and, on CPU, the process's CPU seconds, which with one thread is the work done
+whatever else loads the machine. Growth exponent: the log-log slope of time (CPU time on
+CPU) and of step memory from the smallest to the largest size, and between the two
+largest; 1.0 is linear, the goal is <= 1.15.
 
 ``--profile KIND N B`` prints a cProfile of one step at that point instead (cumulative
 time per function of ``napari_dismm.model``), to find what grows faster than N.
@@ -151,13 +153,14 @@ def run_point(kind: str, cohort_dir: Path, batch_size: int, steps: int, threads:
         reset = _reset_peak()
         base = _rss_kb("VmRSS") * 1024 if reset else _rss_kb("VmHWM") * 1024
     step()  # warm-up: allocates the optimiser state, fills caches
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(steps):
         step()
     seconds = (time.perf_counter() - start) / steps
+    cpu_seconds = (time.process_time() - cpu_start) / steps
     peak = torch.cuda.max_memory_allocated() if cuda else _rss_kb("VmHWM") * 1024
     return {"kind": kind, "n": int(batch.bags["20x"].shape[1]), "n10": int(batch.bags["10x"].shape[1]),
-            "batch": batch_size, "seconds": seconds, "step_mb": max(peak - base, 0) / 2**20,
+            "batch": batch_size, "seconds": seconds, "cpu_seconds": cpu_seconds, "step_mb": max(peak - base, 0) / 2**20,
             "input_mb": input_bytes / 2**20, "device": device.type}
 
 
@@ -233,18 +236,23 @@ def main() -> None:
                         continue
                     row = json.loads(done.stdout.strip().splitlines()[-1])
                     rows.append(row)
-                    print(f"# {kind:8s} N={row['n']:>6d} B={b}: {row['seconds']:7.2f} s/step  "
+                    print(f"# {kind:8s} N={row['n']:>6d} B={b}: {row['seconds']:7.2f} s/step "
+                          f"({row['cpu_seconds']:7.2f} s CPU)  "
                           f"step {row['step_mb']:8.0f} MB  input {row['input_mb']:7.0f} MB", file=sys.stderr)
-    print(f"{'model':8s} {'B':>2s} " + " ".join(f"{'N=' + str(n):>20s}" for n in sorted(args.sizes))
-          + "   time slope (first-last, last two)   memory slope")
+    # on CPU the slopes use CPU time: with one thread it is the work done, whatever else loads the machine
+    clock = "cpu_seconds" if all(r["device"] == "cpu" for r in rows) else "seconds"
+    print(f"step cost per point: {clock.replace('_', ' ')} (wall seconds) and step memory; "
+          f"slopes: log-log, first to last size and last two sizes")
+    print(f"{'model':8s} {'B':>2s} " + " ".join(f"{'N=' + str(n):>26s}" for n in sorted(args.sizes))
+          + "   time slope    memory slope")
     for kind in args.kinds:
         for b in args.batches:
             mine = sorted((r for r in rows if r["kind"] == kind and r["batch"] == b), key=lambda r: r["n"])
             if len(mine) < 2:
                 continue
-            cells = " ".join(f"{r['seconds']:7.2f} s {r['step_mb']:7.0f} MB" for r in mine)
-            print(f"{kind:8s} {b:>2d} {cells}   {_slope(mine, 'seconds', 0, -1):5.2f}, {_slope(mine, 'seconds', -2, -1):5.2f}"
-                  f"                        {_slope(mine, 'step_mb', 0, -1):5.2f}, {_slope(mine, 'step_mb', -2, -1):5.2f}")
+            cells = " ".join(f"{r[clock]:7.2f} ({r['seconds']:6.2f}) s {r['step_mb']:6.0f} MB" for r in mine)
+            print(f"{kind:8s} {b:>2d} {cells}   {_slope(mine, clock, 0, -1):4.2f}, {_slope(mine, clock, -2, -1):4.2f}"
+                  f"   {_slope(mine, 'step_mb', 0, -1):4.2f}, {_slope(mine, 'step_mb', -2, -1):4.2f}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

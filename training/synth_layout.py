@@ -15,9 +15,9 @@ mean-pooling can no longer read the states; a model has to *find* the planted pa
 cohorts are bit-identical to those generated before the option existed.
 
 Real scale (issue 14), both opt-in and leaving default cohorts bit-identical:
-``patches_20x`` gives each slide about that many 20x patches (each slide within
-``size_spread``, 20 % by default, of it; the 10x bag is a quarter, on the same tissue), drawn in float32
-so 48 slides of 9k patches take seconds. ``scanner_mix`` scans that share of the slides
+``patches_20x`` gives each slide about that many 20x patches (each within ``size_spread``,
+20 % by default; the 10x bag is a quarter, on the same tissue), drawn in float32 so 48
+slides of 9k patches take seconds. ``scanner_mix`` scans that share of the slides
 at ``mpp_level0`` (0.25 µm/px) and the rest at twice it (0.5 µm/px): a 0.25 µm/px slide's
 patches cover twice as many level-0 pixels, so its footprints (``patch_size_level0``) and
 coordinate lattice are doubled, as in a real TRIDENT file. Scanners are drawn from a side
