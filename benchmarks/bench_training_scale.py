@@ -24,7 +24,7 @@ CPU) and of step memory from the smallest to the largest size, and between the t
 largest; 1.0 is linear, the goal is <= 1.15.
 
 ``--profile KIND N B`` prints a cProfile of one step at that point instead (cumulative
-time per function of ``napari_dismm.model``), to find what grows faster than N.
+CPU time per function of ``napari_dismm.model``), to find what grows faster than N.
 """
 
 from __future__ import annotations
@@ -181,7 +181,7 @@ def profile_point(kind: str, cohort_dir: Path, batch_size: int, threads: int, to
         optimizer.step()
 
     step()
-    profiler = cProfile.Profile()
+    profiler = cProfile.Profile(time.process_time)  # CPU time: robust to the machine's load
     profiler.enable()
     step()
     profiler.disable()
