@@ -23,8 +23,9 @@ whatever else loads the machine. Growth exponent: the log-log slope of time (CPU
 CPU) and of step memory from the smallest to the largest size, and between the two
 largest; 1.0 is linear, the goal is <= 1.15.
 
-``--profile KIND N B`` prints a cProfile of one step at that point instead (cumulative
-CPU time per function of ``napari_dismm.model``), to find what grows faster than N.
+``--profile KIND N B`` prints, for one step at that point, a cProfile (cumulative CPU time
+per function of ``napari_dismm.model``) and torch's profiler table (self time per operator,
+backward included), to find what grows faster than N.
 """
 
 from __future__ import annotations
@@ -187,6 +188,12 @@ def profile_point(kind: str, cohort_dir: Path, batch_size: int, threads: int, to
     profiler.disable()
     stats = pstats.Stats(profiler).sort_stats("cumulative")
     stats.print_stats(r"napari_dismm/model|training/|backward|optim", top)
+    # the backward pass is one C++ call to cProfile: torch's profiler splits it by operator (wall time)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top))
 
 
 # -- the table ----------------------------------------------------------------------------------------------------
