@@ -87,6 +87,15 @@ def _reset_peak() -> bool:
         return False
 
 
+def _accepted(cls, **kwargs) -> dict:
+    """The keyword arguments ``cls`` takes (and that are set): the objective's signature moves
+    with issue 14's geometry work, and the benchmark should keep running across it."""
+    import inspect
+
+    params = inspect.signature(cls).parameters
+    return {k: v for k, v in kwargs.items() if k in params and v is not None}
+
+
 def _build(kind: str, cohort_dir: Path, batch_size: int):
     """(model, objective, batch) with the shipped defaults, on whole bags."""
     import torch
@@ -109,10 +118,11 @@ def _build(kind: str, cohort_dir: Path, batch_size: int):
     teacher = build_model(model_config("teacher", setup))
     t = cfg.teacher
     if kind == "teacher":
-        objective = SupervisedObjective(
-            teacher, task=setup.task, class_weights=setup.class_weights, dev_weight=t.dev_weight, cgc=t.cgc,
-            patch_size_10x_level0=setup.patch_size_10x_level0, dev_scale=getattr(teacher.config, "dev_scale", 1e4),
-            dev_form=t.dev_form, dev_warmup=0, slide_aux_weight=t.slide_aux_weight)
+        objective = SupervisedObjective(teacher, **_accepted(
+            SupervisedObjective, task=setup.task, class_weights=setup.class_weights, dev_weight=t.dev_weight,
+            cgc=t.cgc, patch_size_10x_level0=getattr(setup, "patch_size_10x_level0", None),
+            dev_scale=getattr(teacher.config, "dev_scale", 1e4), dev_form=t.dev_form, dev_warmup=0,
+            slide_aux_weight=t.slide_aux_weight))
         return teacher, objective, batch, cfg.teacher
     student = build_model(model_config("student", setup))
     for mag in student.config.magnifications:  # fixed prototypes: their values do not change the cost
