@@ -176,7 +176,8 @@ def _plant_regions(rng: np.random.Generator, cfg: SynthConfig, cells: np.ndarray
     return cells, region
 
 
-def _bag(rng, cfg, cells, region, directions, mag, states, mpp_level0=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _bag(rng, cfg, cells, region, directions, mag, states,
+         mpp_level0=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Coordinates, features and regions of one magnification's bag on a slide scanned at
     ``mpp_level0`` (default: the config's)."""
     step10 = cfg.step_level0(MAGNIFICATION_MPP["10x"], mpp_level0=mpp_level0)
