@@ -55,6 +55,13 @@ def register_synth(subparsers) -> None:
     p.add_argument("--patch-signal", type=float, default=None, help="state signal in planted patches (regime's)")
     p.add_argument("--gene-signal", type=float, default=None, help="state shift of informative genes (regime's)")
     p.add_argument("--region-fraction", type=float, default=None, help="share of tissue per planted region")
+    p.add_argument("--feature-dim", type=int, default=64, help="patch feature width D (default 64; 1024 as ResNet-50)")
+    p.add_argument("--patches-20x", type=int, default=None, metavar="N",
+                   help="real scale: about N 20x patches per slide (each within 20 %%; 10x: a quarter, same tissue); "
+                   "default: small slides of a few hundred")
+    p.add_argument("--scanner-mix", type=float, default=None, metavar="F",
+                   help="share of slides scanned at 0.25 um/px (footprints and coordinate lattice doubled), "
+                   "the rest at 0.5 um/px (default 1: all at 0.25)")
     p.set_defaults(handler=_synth)
 
 
@@ -137,14 +144,17 @@ def _synth(args: argparse.Namespace) -> int:
     if args.patients < 8:
         raise DataError(f"--patients must be >= 8, got {args.patients}")
     overrides = {key: value for key, value in (("patch_signal", args.patch_signal), ("gene_signal", args.gene_signal),
-                                               ("region_fraction", args.region_fraction)) if value is not None}
+                                               ("region_fraction", args.region_fraction),
+                                               ("patches_20x", args.patches_20x),
+                                               ("scanner_mix", args.scanner_mix)) if value is not None}
     try:
-        config = regime_config(args.regime, task=args.task, n_patients=args.patients, seed=args.seed, **overrides)
+        config = regime_config(args.regime, task=args.task, n_patients=args.patients, seed=args.seed,
+                               feature_dim=args.feature_dim, **overrides)
     except ValueError as error:
         raise DataError(f"dismm synth: {error}") from error
     files = write_synthetic_cohort(
         args.out, config=config,
-        n_tumor_genes=args.tumor_genes, n_tme_genes=args.tme_genes,
+        n_tumor_genes=args.tumor_genes, n_tme_genes=args.tme_genes, keep_features=False,
     )
     print(f"wrote {len(files.synth.patients)} patients to {files.root}: {files.csv.name}, "
           f"{files.expression.name}, {files.gmt.name}, features/, truth.csv, regions.csv")
