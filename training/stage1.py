@@ -130,7 +130,9 @@ def model_config(kind: str, setup: FoldSetup, *, cgc: bool = True, dev_weight: f
                     "slide_head": setup.cfg.teacher.slide_aux_weight > 0}
         case "student":
             return {**common, "k": m.k, "knn": m.knn, "n_heads": m.n_heads, "dropout": m.dropout,
-                    "assignment": m.ita_assignment, "temperature": m.ita_temperature}
+                    "assignment": m.ita_assignment, "temperature": m.ita_temperature,
+                    "membership_scale": m.ita_membership_scale, "candidates": m.ita_candidates,
+                    "n_anchors": m.ita_anchors}
         case "abmil":
             return {**common, "dropout": m.dropout}
         case "late_fusion" | "genes_only":

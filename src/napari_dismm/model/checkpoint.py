@@ -31,14 +31,17 @@ from napari_dismm.model.registry import build_model, config_from_dict
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 #: keys a newer format added to a model section, with the value every older file meant
 #: (format 2: the student's ITA got soft assignment, the teacher a spatial context;
 #: format-1 students merged hard, so their temperature is never used, and format-1
 #: teachers saw each patch alone; format 3: the teacher's subspace features carry the
-#: gene embedding and it has a slide-only head: older teachers had neither)
+#: gene embedding and it has a slide-only head: older teachers had neither; format 4: the
+#: student's ITA draws centre candidates from its anchor sample and scales its soft
+#: memberships by the clusters' width: older students took the densest tokens and the spread)
 _ADDED_IN = {2: {"student": {"assignment": "hard", "temperature": 2.0}, "teacher": {"spatial_context": 0.0}},
-             3: {"teacher": {"gene_residual": False, "slide_head": False, "gene_dropout": 0.0, "base_query": False}}}
+             3: {"teacher": {"gene_residual": False, "slide_head": False, "gene_dropout": 0.0, "base_query": False}},
+             4: {"student": {"candidates": "densest", "membership_scale": "spread"}}}
 RESERVED = frozenset({"model", "model_id", "format_version"})
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
 
