@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from napari_dismm.errors import ModelConfigError
+from napari_dismm.model.cgc import GRANULARITIES as CGC_GRANULARITIES
 from napari_dismm.model.heads import COMBINE_RULES
 from napari_dismm.model.ita import ASSIGNMENTS, CANDIDATES, MEMBERSHIP_SCALES
 
@@ -140,6 +141,9 @@ class TeacherSettings:
     weight_decay: float = _f(1e-5, "AdamW weight decay", lo=0)
     cgc: bool = _f(False, "confidence-guided gradient coordination on the fusion head (off by default: no gain "
                    "across the planted regimes, README)")
+    cgc_granularity: str = _f("block", "CGC projects the whole tumor / TME gradient blocks (block) or each class "
+                              "row with a negative cosine, rescaled to its norm (row, the reference code; "
+                              "model/cgc.py)", choices=CGC_GRANULARITIES)
     dev_weight: float = _f(0.0, "weight of the DEV inter-magnification loss (0 = off, the default: it cost AUC and "
                            "maps on regimes where the slide carries the label, README; 3e-4 is the weight it was "
                            "tuned to, with dev_scale 1e4)", lo=0)

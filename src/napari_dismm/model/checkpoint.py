@@ -38,10 +38,12 @@ FORMAT_VERSION = 4
 #: teachers saw each patch alone; format 3: the teacher's subspace features carry the
 #: gene embedding and it has a slide-only head: older teachers had neither; format 4: the
 #: student's ITA draws centre candidates from its anchor sample and scales its soft
-#: memberships by the clusters' width: older students took the densest tokens and the spread)
+#: memberships by the clusters' width: older students took the densest tokens and the spread;
+#: the teacher's CGC got a granularity, and older teachers were trained with whole blocks)
 _ADDED_IN = {2: {"student": {"assignment": "hard", "temperature": 2.0}, "teacher": {"spatial_context": 0.0}},
              3: {"teacher": {"gene_residual": False, "slide_head": False, "gene_dropout": 0.0, "base_query": False}},
-             4: {"student": {"candidates": "densest", "membership_scale": "spread"}}}
+             4: {"student": {"candidates": "densest", "membership_scale": "spread"},
+                 "teacher": {"cgc_granularity": "block"}}}
 RESERVED = frozenset({"model", "model_id", "format_version"})
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
 
