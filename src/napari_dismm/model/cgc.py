@@ -86,11 +86,13 @@ def subspace_confidences(
 
 def _project_rows(g: Tensor, h: Tensor, conflict: Tensor) -> Tensor:
     """Rows of g (C, d) where ``conflict``: projected onto the normal plane of the same row
-    of h, then rescaled to their former norm (a row that vanishes stays zero)."""
+    of h, then rescaled to their former norm. A row that (nearly) vanishes, i.e. was
+    anti-parallel to h, is set to zero: rescaling its round-off would invent a direction."""
     hh = (h * h).sum(dim=1, keepdim=True)
     projected = g - (g * h).sum(dim=1, keepdim=True) / hh.clamp_min(torch.finfo(h.dtype).tiny) * h
     before, after = g.norm(dim=1, keepdim=True), projected.norm(dim=1, keepdim=True)
-    projected = torch.where(after > 0, projected * before / after.clamp_min(torch.finfo(g.dtype).tiny), projected)
+    kept = after > 1e-7 * before  # float64 round-off is ~1e-16 of the norm
+    projected = torch.where(kept, projected * before / after.clamp_min(torch.finfo(g.dtype).tiny), 0.0)
     return torch.where(conflict[:, None], projected, g)
 
 
