@@ -209,8 +209,8 @@ def dpc_knn_centres(
     if candidates == "anchors":
         log_rho = _knn_log_density(x[anchors], torch.arange(anchors.shape[0], device=x.device), knn=knn,
                                    chunk_size=chunk_size)
-        cand = anchors[torch.sort(log_rho, descending=True, stable=True).indices]  # anchors are in key order
-        cand_rho = log_rho.sort(descending=True, stable=True).values
+        cand_rho, by_density = torch.sort(log_rho, descending=True, stable=True)  # ties: anchors are in key order
+        cand = anchors[by_density]
     else:
         log_rho = _knn_log_density(x, anchors, knn=knn, chunk_size=chunk_size)
         # density order: rho descending, then canonical (key) order
