@@ -48,8 +48,9 @@ class StudentConfig:
     ``n_anchors`` tokens sampled (in key order) on which DPC-kNN chooses the centres
     (exact when the bag is no larger); ``candidates``: "anchors" (the centres come from
     that sample, format 4 on) or "densest" (format <= 3: every token's density against
-    the anchors, centres among the ``n_candidates`` densest tokens). Mixing: ``n_mixing_layers`` efficient-attention
-    blocks with ``n_heads`` heads; ``use_coords`` adds an MLP of the real coordinates.
+    the anchors, centres among the ``n_candidates`` densest tokens). Mixing:
+    ``n_mixing_layers`` efficient-attention blocks with ``n_heads`` heads; ``use_coords``
+    adds an MLP of the real coordinates.
     ``chunk_size`` bounds the tokens processed at once (memory vs. speed).
     ``assignment``: "soft" (memberships at ``temperature`` in units of
     ``membership_scale``, gradients reach the clustering) or "hard" (the reference's
