@@ -13,8 +13,8 @@ the two centres sit in the two modes.
 
 - old: ``candidates="densest"``, 1024 anchors, 1024 candidates, memberships in units of
   the spread at temperature 2 (students saved before format 4);
-- new: ``candidates="anchors"``, 2048 anchors, memberships in units of the clusters'
-  width at temperature 1 (the defaults).
+- new: ``candidates="anchors"``, 2048 anchors, memberships as before (the defaults; the
+  membership unit was measured separately, below and in the README).
 
 Printed: the table, the growth exponent of time and of peak memory vs N (log-log fit over
 all sizes and over N >= 10k; 1 = linear), and the ratio old / new time per size. Then the membership
@@ -40,7 +40,7 @@ import numpy as np
 RULES = {
     "old": {"candidates": "densest", "n_anchors": 1024, "n_candidates": 1024, "membership_scale": "spread",
             "temperature": 2.0},
-    "new": {"candidates": "anchors", "n_anchors": 2048, "membership_scale": "width", "temperature": 1.0},
+    "new": {"candidates": "anchors", "n_anchors": 2048, "membership_scale": "spread", "temperature": 2.0},
 }
 
 

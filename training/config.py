@@ -113,12 +113,12 @@ class ModelSettings:
     knn: int = _f(5, "ITA: neighbours for the DPC-kNN density", lo=1)
     ita_assignment: str = _f("soft", "ITA: soft memberships (gradients reach the clustering) or the reference's hard "
                              "nearest centre (model/ita.py)", choices=ASSIGNMENTS)
-    ita_temperature: float = _f(1.0, "ITA: temperature of the soft memberships, in units of ita_membership_scale "
-                                "(1: a patch of a mode cut in two keeps ~0.75 of its own cluster, a patch of "
-                                "well-separated modes ~1; benchmarks/bench_ita.py)", lo=0, lo_open=True)
-    ita_membership_scale: str = _f("width", "ITA: unit of the soft memberships: the clusters' own width (memberships "
-                                   "sharpen as the clusters separate) or the spread of all distances (models "
-                                   "before format 4: never above ~0.73 at temperature 2)", choices=MEMBERSHIP_SCALES)
+    ita_temperature: float = _f(2.0, "ITA: temperature of the soft memberships, in units of ita_membership_scale",
+                                lo=0, lo_open=True)
+    ita_membership_scale: str = _f("spread", "ITA: unit of the soft memberships: the spread of all distances (a "
+                                   "patch keeps ~0.73 of its own cluster at temperature 2 whatever the separation) "
+                                   "or the clusters' own width (memberships sharpen as the clusters separate; on "
+                                   "the planted cohort it cost the student's maps, README)", choices=MEMBERSHIP_SCALES)
     ita_candidates: str = _f("anchors", "ITA: centres by DPC-kNN on a sample of ita_anchors patches (any large mode "
                              "is found at any bag size) or among the 1024 densest patches (models before format 4: "
                              "modes lost beyond ~10k patches)", choices=CANDIDATES)

@@ -34,7 +34,7 @@ def test_defaults_and_choices(cohort):
     setup = _setup(cohort, {})
     student = build_model(model_config("student", setup))
     ita = student.branches["10x"].ita
-    assert (ita.candidates, ita.membership_scale, ita.n_anchors, ita.temperature) == ("anchors", "width", 2048, 1.0)
+    assert (ita.candidates, ita.membership_scale, ita.n_anchors, ita.temperature) == ("anchors", "spread", 2048, 2.0)
     teacher = build_model(model_config("teacher", setup))
     assert teacher.config.cgc_granularity == "block"
     for section, key, bad in (("model", "ita_candidates", "all"), ("model", "ita_membership_scale", "gap"),
@@ -47,11 +47,11 @@ def test_defaults_and_choices(cohort):
 
 def test_settings_reach_the_models(cohort):
     setup = _setup(cohort, {"model": {"d": 16, "dropout": 0.0, "ita_candidates": "densest", "ita_anchors": 512,
-                                      "ita_membership_scale": "spread", "ita_temperature": 2.0},
+                                      "ita_membership_scale": "width", "ita_temperature": 1.5},
                             "teacher": {"cgc_granularity": "row", "cgc": True}})
     student = build_model(model_config("student", setup))
     ita = student.branches["20x"].ita
-    assert (ita.candidates, ita.membership_scale, ita.n_anchors, ita.temperature) == ("densest", "spread", 512, 2.0)
+    assert (ita.candidates, ita.membership_scale, ita.n_anchors, ita.temperature) == ("densest", "width", 512, 1.5)
     teacher = build_model(model_config("teacher", setup))
     assert teacher.config.cgc_granularity == "row"
     objective = SupervisedObjective(teacher, task="classification", class_weights=setup.class_weights, cgc=True,

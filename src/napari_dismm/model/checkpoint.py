@@ -37,8 +37,8 @@ FORMAT_VERSION = 4
 #: format-1 students merged hard, so their temperature is never used, and format-1
 #: teachers saw each patch alone; format 3: the teacher's subspace features carry the
 #: gene embedding and it has a slide-only head: older teachers had neither; format 4: the
-#: student's ITA draws centre candidates from its anchor sample and scales its soft
-#: memberships by the clusters' width: older students took the densest tokens and the spread;
+#: student's ITA chooses its centres on its anchor sample and got a choice of membership
+#: unit: older students took centres among the densest tokens and scaled by the spread;
 #: the teacher's CGC got a granularity, and older teachers were trained with whole blocks)
 _ADDED_IN = {2: {"student": {"assignment": "hard", "temperature": 2.0}, "teacher": {"spatial_context": 0.0}},
              3: {"teacher": {"gene_residual": False, "slide_head": False, "gene_dropout": 0.0, "base_query": False}},

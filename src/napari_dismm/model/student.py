@@ -54,9 +54,9 @@ class StudentConfig:
     ``chunk_size`` bounds the tokens processed at once (memory vs. speed).
     ``assignment``: "soft" (memberships at ``temperature`` in units of
     ``membership_scale``, gradients reach the clustering) or "hard" (the reference's
-    nearest centre); ``membership_scale`` "width" (the clusters' own width: memberships
-    sharpen as the clusters separate, format 4 on) or "spread" (format <= 3); see
-    ``model.ita``."""
+    nearest centre); ``membership_scale`` "spread" (of all distances, the default) or
+    "width" (the clusters' own width: memberships sharpen as the clusters separate, which
+    cost the planted student's maps; README); see ``model.ita``."""
 
     kind: str = "student"
     task: str = "classification"
@@ -77,9 +77,9 @@ class StudentConfig:
     chunk_size: int = 16384
     combine: str = "max_confidence"
     assignment: str = "soft"
-    temperature: float = 1.0
+    temperature: float = 2.0
     candidates: str = "anchors"
-    membership_scale: str = "width"
+    membership_scale: str = "spread"
 
     def __post_init__(self) -> None:
         self.magnifications = tuple(self.magnifications)
