@@ -125,7 +125,7 @@ def test_prediction_is_reproducible_and_order_free() -> None:
 
 
 def test_format_3_students_load_with_the_rules_they_were_trained_with(tmp_path) -> None:
-    """Format 4 changed the centre candidates and the membership unit; a format-3
+    """Format 4 changed the centre candidates and added a membership unit; a format-3
     config.json has neither key, its student chose centres among the densest tokens and
     scaled memberships by the spread, and must give the same outputs as before."""
     torch.manual_seed(0)
