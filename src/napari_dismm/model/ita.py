@@ -21,7 +21,8 @@ centre (O(N K), chunked). Why a sample and not the densest tokens:
   the other mode). The former rule (``"densest"``, models of format <= 3: density of every
   token against the anchors, centres among the C = 1024 densest of all N tokens) put all
   C candidates in the single densest mode once N >> C: two modes of 45 % and 35 % were
-  both found at 3k tokens and one of them was lost at 30k and 100k (tests/model/test_ita.py).
+  both found at 3k tokens and one of them was lost at 30k and 100k
+  (tests/model/test_ita_scale.py).
 - The same clustering in training and at inference. The student trains on subsets of at
   most ``max_patches`` (4096) tokens and predicts on whole bags of up to 100k+: both run
   DPC-kNN on M tokens drawn alike from the same distribution, at the same kNN bandwidth;
