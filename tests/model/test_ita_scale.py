@@ -85,7 +85,8 @@ def test_training_subset_and_whole_bag_cluster_alike() -> None:
 
 def test_nothing_quadratic_in_the_bag_size(monkeypatch) -> None:
     """Every distance block ITA builds on a 100k bag is at most anchors x anchors or
-    chunk x K, and the density pass reads the anchors alone: nothing grows with N^2 (time and peak memory in benchmarks/bench_ita.py)."""
+    chunk x K, and the density pass reads the anchors alone: nothing grows with N^2
+    (time and peak memory in benchmarks/bench_ita.py)."""
     largest = []
     original = ita._scaled_sq_dist
 
