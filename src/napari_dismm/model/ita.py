@@ -50,7 +50,7 @@ of its own cluster at tau = 2 however far apart the modes are; ``"width"`` is th
 clusters' own width, so memberships sharpen to hard as the clusters separate and stay
 soft while they overlap. Measured on the planted cohort (test_planted, held-out student
 tumor / TME maps): spread at tau 2 0.798 / 0.826; width at tau 1 / 2 / 4 0.672 / 0.692,
-0.755 / 0.790, 0.778 / 0.822; hard 0.66 / 0.65. Sharper memberships pass less gradient
+0.755 / 0.790, 0.778 / 0.822; hard 0.580 / 0.619. Sharper memberships pass less gradient
 between the clusters, and the maps learn less: the default stays "spread" at tau 2
 (``soft_membership``; figures in benchmarks/bench_ita.py and the README).
 
