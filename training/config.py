@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from napari_dismm.errors import ModelConfigError
+from napari_dismm.model.cgc import GRANULARITIES as CGC_GRANULARITIES
 from napari_dismm.model.heads import COMBINE_RULES
-from napari_dismm.model.ita import ASSIGNMENTS
+from napari_dismm.model.ita import ASSIGNMENTS, CANDIDATES, MEMBERSHIP_SCALES
 
 BASELINES = ("abmil", "late_fusion", "genes_only")
 SELECT_ON = ("loss", "metric")
@@ -119,7 +120,17 @@ class ModelSettings:
     knn: int = _f(5, "ITA: neighbours for the DPC-kNN density", lo=1)
     ita_assignment: str = _f("soft", "ITA: soft memberships (gradients reach the clustering) or the reference's hard "
                              "nearest centre (model/ita.py)", choices=ASSIGNMENTS)
-    ita_temperature: float = _f(2.0, "ITA: temperature of the soft memberships", lo=0, lo_open=True)
+    ita_temperature: float = _f(2.0, "ITA: temperature of the soft memberships, in units of ita_membership_scale",
+                                lo=0, lo_open=True)
+    ita_membership_scale: str = _f("spread", "ITA: unit of the soft memberships: the spread of all distances (a "
+                                   "patch keeps ~0.73 of its own cluster at temperature 2 whatever the separation) "
+                                   "or the clusters' own width (memberships sharpen as the clusters separate; on "
+                                   "the planted cohort it cost the student's maps, README)", choices=MEMBERSHIP_SCALES)
+    ita_candidates: str = _f("anchors", "ITA: centres by DPC-kNN on a sample of ita_anchors patches (any large mode "
+                             "is found at any bag size) or among the 1024 densest patches (models before format 4: "
+                             "modes lost beyond ~10k patches)", choices=CANDIDATES)
+    ita_anchors: int = _f(2048, "ITA: patches sampled per bag for the centres (exact DPC-kNN up to this bag size; "
+                          "time and memory grow with its square)", lo=2)
     combine: str = _f("max_confidence", "how the magnifications' predictions are combined", choices=COMBINE_RULES)
 
     def __post_init__(self) -> None:
@@ -137,6 +148,9 @@ class TeacherSettings:
     weight_decay: float = _f(1e-5, "AdamW weight decay", lo=0)
     cgc: bool = _f(False, "confidence-guided gradient coordination on the fusion head (off by default: no gain "
                    "across the planted regimes, README)")
+    cgc_granularity: str = _f("block", "CGC projects the whole tumor / TME gradient blocks (block) or each class "
+                              "row with a negative cosine, rescaled to its norm (row, the reference code; "
+                              "model/cgc.py)", choices=CGC_GRANULARITIES)
     dev_weight: float = _f(0.0, "weight of the DEV inter-magnification loss (0 = off, the default: it cost AUC and "
                            "maps on regimes where the slide carries the label, README; 6 is the weight it was "
                            "tuned to: 3e-4 in the units before issue 14, sum of subspaces x 1e4)", lo=0)

@@ -126,6 +126,7 @@ def model_config(kind: str, setup: FoldSetup, *, cgc: bool = True, dev_weight: f
     match kind:
         case "teacher":
             return {**common, **genes, "dropout": m.dropout, "n_heads": m.n_heads, "cgc": cgc,
+                    "cgc_granularity": setup.cfg.teacher.cgc_granularity,
                     "dev_weight": setup.cfg.teacher.dev_weight if dev_weight is None else dev_weight,
                     "patch_size_10x_level0": setup.patch_size_10x_level0,
                     "subspace_split": subspace_split, "dev_form": setup.cfg.teacher.dev_form,
@@ -135,7 +136,9 @@ def model_config(kind: str, setup: FoldSetup, *, cgc: bool = True, dev_weight: f
                     "slide_head": setup.cfg.teacher.slide_aux_weight > 0}
         case "student":
             return {**common, "k": m.k, "knn": m.knn, "n_heads": m.n_heads, "dropout": m.dropout,
-                    "assignment": m.ita_assignment, "temperature": m.ita_temperature}
+                    "assignment": m.ita_assignment, "temperature": m.ita_temperature,
+                    "membership_scale": m.ita_membership_scale, "candidates": m.ita_candidates,
+                    "n_anchors": m.ita_anchors}
         case "abmil":
             return {**common, "dropout": m.dropout}
         case "late_fusion" | "genes_only":
@@ -149,7 +152,7 @@ class SupervisedObjective:
     def __init__(self, model: nn.Module, *, task: str, class_weights: Tensor | None,
                  dev_weight: float = 0.0, cgc: bool = False, patch_size_10x_level0: float = 448.0,
                  dev_scale: float = 1.0, dev_form: str = "agreement", dev_warmup: int = 0,
-                 slide_aux_weight: float = 0.0) -> None:
+                 slide_aux_weight: float = 0.0, cgc_granularity: str = "block") -> None:
         self.task = task
         self.slide_aux_weight = slide_aux_weight
         self.class_weights = class_weights
@@ -158,7 +161,8 @@ class SupervisedObjective:
         self.patch_size_10x_level0, self.dev_scale, self.dev_form = patch_size_10x_level0, dev_scale, dev_form
         self.dev_warmup, self.epoch = dev_warmup, 0
         heads = getattr(model, "fusion_heads", None)
-        self.cgc = CGCStep(heads, task=task, enabled=cgc and heads is not None) if heads is not None else None
+        self.cgc = (CGCStep(heads, task=task, enabled=cgc and heads is not None, granularity=cgc_granularity)
+                    if heads is not None else None)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -222,7 +226,8 @@ def train_supervised_fold(
                                     dev_scale=getattr(model.config, "dev_scale", 1.0),
                                     dev_form=getattr(model.config, "dev_form", "agreement"),
                                     dev_warmup=cfg.teacher.dev_warmup if kind == "teacher" else 0,
-                                    slide_aux_weight=cfg.teacher.slide_aux_weight if kind == "teacher" else 0.0)
+                                    slide_aux_weight=cfg.teacher.slide_aux_weight if kind == "teacher" else 0.0,
+                                    cgc_granularity=getattr(model.config, "cgc_granularity", "block"))
     return train_fold(model=model, objective=objective, data=setup.data, settings=settings, fold_dir=out_dir,
                       name=name, fold=setup.index, extras=setup.extras(name), class_weights=setup.class_weights,
                       class_names=setup.cohort.class_names, ctx=ctx)

@@ -45,13 +45,70 @@ def test_projection_properties(case):
         assert report.projected is None
         assert torch.equal(after, before)
         return
-    assert report.cosine < 0
+    assert report.cosine < 0 and report.rows_projected == head.linear.weight.shape[0]
     confident_tumor = conf[0] >= conf[1]
     assert report.projected == ("tme" if confident_tumor else "tumor")
     kept, moved, kept0 = (t1, e1, t0) if confident_tumor else (e1, t1, e0)
     assert torch.equal(kept, kept0)  # the confident block is untouched
     # orthogonal up to float32 round-off of the stored gradient
     assert abs(float(moved @ kept)) <= 1e-5 * norms + 1e-6
+
+
+@settings(max_examples=200, deadline=None)
+@given(head_with_grad())
+def test_row_projection_properties(case):
+    """Row granularity (the reference's): each class row whose tumor and TME parts have a
+    negative cosine has the less confident part made orthogonal to the other and rescaled
+    to its norm; every other row, and the confident block, stay bit-identical."""
+    head, conf = case
+    d = head.d
+    before = head.linear.weight.grad.clone()
+    report = coordinate_gradients(head, conf, granularity="row")
+    after = head.linear.weight.grad
+    confident_tumor = conf[0] >= conf[1]
+    kept0, moved0 = (before[:, :d], before[:, d:]) if confident_tumor else (before[:, d:], before[:, :d])
+    kept1, moved1 = (after[:, :d], after[:, d:]) if confident_tumor else (after[:, d:], after[:, :d])
+    assert torch.equal(kept1, kept0)
+    dots = (kept0.double() * moved0.double()).sum(1)
+    conflict = dots < 0
+    assert report.rows_projected == int(conflict.sum())
+    if not conflict.any():  # no-op when every row is aligned (or orthogonal, or zero)
+        assert report.projected is None and torch.equal(after, before)
+        return
+    assert report.projected == ("tme" if confident_tumor else "tumor")
+    assert torch.equal(moved1[~conflict], moved0[~conflict])
+    for row in conflict.nonzero().squeeze(1).tolist():
+        h, g0, g1 = kept0[row].double(), moved0[row].double(), moved1[row].double()
+        scale = float(h.norm() * g0.norm())
+        assert abs(float(g1 @ h)) <= 1e-5 * scale + 1e-6  # orthogonal to the confident row
+        if g1.norm() > 0:  # rescaled to the norm it had (unless anti-parallel: then zero)
+            assert float(g1.norm()) == pytest.approx(float(g0.norm()), rel=1e-5)
+        if d == 1:  # a conflicting pair of scalars is anti-parallel: nothing orthogonal is left
+            assert float(g1.norm()) == 0
+
+
+def test_row_and_block_differ_where_the_blocks_agree_but_a_row_conflicts():
+    """Row 0 conflicts, row 1 agrees strongly: the blocks' cosine is positive, so block CGC
+    does nothing; row CGC fixes row 0 and leaves row 1."""
+    grad = torch.tensor([[1.0, 0.0, -1.0, 1.0], [3.0, 0.0, 3.0, 0.0]])
+    reports = {}
+    for granularity in ("block", "row"):
+        head = SubspaceFusionHead(task="classification", d=2, n_outputs=2)
+        head.linear.weight.grad = grad.clone()
+        reports[granularity] = coordinate_gradients(head, torch.tensor([5.0, 1.0]), granularity=granularity)
+        if granularity == "block":
+            assert reports["block"].projected is None and torch.equal(head.linear.weight.grad, grad)
+        else:
+            # row 0: g_E = (-1, 1), h = (1, 0): projected (0, 1), rescaled to |g_E| = sqrt 2
+            torch.testing.assert_close(head.linear.weight.grad,
+                                       torch.tensor([[1.0, 0.0, 0.0, 2**0.5], [3.0, 0.0, 3.0, 0.0]]))
+    assert reports["block"].cosine > 0 and reports["row"].rows_projected == 1
+
+
+def test_unknown_granularity_is_refused():
+    head = SubspaceFusionHead(task="classification", d=2, n_outputs=2)
+    with pytest.raises(ValueError, match="granularity"):
+        coordinate_gradients(head, torch.tensor([1.0, 1.0]), granularity="class")
 
 
 def test_projection_by_hand():

@@ -56,6 +56,26 @@ def two_blobs(n_per: int, d: int, *, gap: float = 8.0, seed: int = 0) -> tuple[t
     return torch.cat([a, b]), labels
 
 
+def reference_unit(d2: np.ndarray, scale: str) -> float:
+    """The membership unit written out with loops: the spread of every token's distances
+    around its own mean ("spread"), or the pooled within-cluster standard deviation of the
+    gaps d2_ik - d2_i,own over clusters of >= 2 tokens and the other centres ("width")."""
+    n, k = d2.shape
+    if scale == "spread":
+        return float((d2 - d2.mean(1, keepdims=True)).std())
+    own = d2.argmin(1)
+    total, weight = 0.0, 0
+    for a in range(k):
+        members = np.flatnonzero(own == a)
+        if members.size < 2:
+            continue
+        for other in range(k):
+            if other != a:
+                total += members.size * (d2[members, other] - d2[members, a]).var()
+                weight += members.size
+    return float(np.sqrt(total / weight)) if weight else 0.0
+
+
 # --- DPC-kNN ---------------------------------------------------------------------------
 
 
@@ -89,17 +109,18 @@ def test_density_uses_anchor_subset_and_chunks_consistently() -> None:
     """The chunk size is an implementation detail: any chunking gives the same centres."""
     x, _ = two_blobs(400, 8, gap=5.0, seed=3)
     keys = permutation_keys(features=x)
-    a = dpc_knn_centres(x, k=3, n_anchors=200, n_candidates=50, keys=keys, chunk_size=17)
-    b = dpc_knn_centres(x, k=3, n_anchors=200, n_candidates=50, keys=keys, chunk_size=4096)
-    assert a.tolist() == b.tolist()
+    for rule in ("anchors", "densest"):
+        a = dpc_knn_centres(x, k=3, n_anchors=200, n_candidates=50, keys=keys, chunk_size=17, candidates=rule)
+        b = dpc_knn_centres(x, k=3, n_anchors=200, n_candidates=50, keys=keys, chunk_size=4096, candidates=rule)
+        assert a.tolist() == b.tolist()
 
 
 def test_candidates_contain_every_denser_token() -> None:
-    """With C candidates, exact delta: the centres equal those of the full (C = N) run
-    whenever the true centres are dense (two tight blobs)."""
+    """The former rule (format <= 3 models): with C candidates, exact delta: the centres
+    equal those of the full (C = N) run whenever the true centres are dense (two tight blobs)."""
     x, _ = two_blobs(300, 4, gap=10.0, seed=5)
-    full = dpc_knn_centres(x, k=2, n_anchors=4096, n_candidates=4096)
-    few = dpc_knn_centres(x, k=2, n_anchors=4096, n_candidates=120)
+    full = dpc_knn_centres(x, k=2, n_anchors=4096, n_candidates=4096, candidates="densest")
+    few = dpc_knn_centres(x, k=2, n_anchors=4096, n_candidates=120, candidates="densest")
     assert full.tolist() == few.tolist()
 
 
@@ -119,12 +140,15 @@ def make_ita(d: int, k: int, knn: int = 3, **kw) -> InformativeTokenAggregation:
     seed=st.integers(0, 2**16),
     approx=st.booleans(),
     assignment=st.sampled_from(["hard", "soft"]),
+    scale=st.sampled_from(["width", "spread"]),
+    candidates=st.sampled_from(["anchors", "densest"]),
 )
-def test_aggregation_properties(n: int, d: int, k: int, seed: int, approx: bool, assignment: str) -> None:
+def test_aggregation_properties(n: int, d: int, k: int, seed: int, approx: bool, assignment: str, scale: str,
+                                candidates: str) -> None:
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=gen) * torch.rand(1, d, generator=gen) * 3
     sizes = {"n_anchors": 8, "n_candidates": max(k, 6)} if approx else {}
-    ita = make_ita(d, k, assignment=assignment, **sizes)
+    ita = make_ita(d, k, assignment=assignment, membership_scale=scale, candidates=candidates, **sizes)
     bag = ita.aggregate(x, prototypes=default_prototypes(d))
 
     # every patch is in a cluster in [0, K); exactly min(n, K) centres, each in its own cluster
@@ -140,8 +164,9 @@ def test_aggregation_properties(n: int, d: int, k: int, seed: int, approx: bool,
         order = centres[bag.cluster[centres].argsort()]  # centre of cluster 0, 1, ...
         d2 = ((x[:, None, :] - x[None, order, :]) ** 2).sum(-1) / d
         if order.numel() > 1:
-            spread = (d2 - d2.mean(1, keepdim=True)).std(correction=0)
-            membership = torch.softmax(-d2 / (ita.temperature * spread), dim=1)
+            unit = reference_unit(d2.double().numpy(), scale)
+            unit = max(unit, 1e-6 * float(d2.mean()), torch.finfo(torch.float32).tiny)
+            membership = torch.softmax(-d2 / (ita.temperature * unit), dim=1)
         else:
             membership = torch.ones(n, 1)
         membership = torch.nn.functional.pad(membership, (0, k - order.numel()))
@@ -240,19 +265,52 @@ def test_more_tokens_fill_both_subspaces() -> None:
     assert sub.tolist() == [0, 0, 1, 0]
 
 
-def test_soft_membership_sharpens_to_the_nearest_centre() -> None:
+@pytest.mark.parametrize("scale", ["width", "spread"])
+def test_soft_membership_sharpens_to_the_nearest_centre(scale: str) -> None:
     x = torch.tensor([[0.0, 0.0], [0.2, 0.0], [1.0, 1.0], [0.9, 1.0], [0.5, 0.5]])
     centres = torch.tensor([0, 2])
     for temperature in (1.0, 0.01):
-        p = soft_membership(x, centres, temperature=temperature)
+        p = soft_membership(x, centres, temperature=temperature, scale=scale)
         torch.testing.assert_close(p.sum(1), torch.ones(5))
         assert p[:2, 0].min() > 0.5 and p[2:4, 1].min() > 0.5
         torch.testing.assert_close(p[4], torch.tensor([0.5, 0.5]))  # equidistant
-    sharp = soft_membership(x, centres, temperature=0.01)
+    sharp = soft_membership(x, centres, temperature=0.01, scale=scale)
     torch.testing.assert_close(sharp[:4], torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]))
-    # the same memberships at any token scale: the temperature is relative to the spread
-    torch.testing.assert_close(soft_membership(10 * x, centres, temperature=1.0),
-                               soft_membership(x, centres, temperature=1.0))
+    # the same memberships at any token scale: the temperature is relative to the tokens' own unit
+    torch.testing.assert_close(soft_membership(10 * x, centres, temperature=1.0, scale=scale),
+                               soft_membership(x, centres, temperature=1.0, scale=scale))
+
+
+def planted_two_modes(separation: float, *, n: int = 2000, d: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two equal Gaussian modes (unit variance per dimension) whose means are
+    ``separation`` standard deviations apart along a random direction; tokens alternate."""
+    gen = torch.Generator().manual_seed(seed)
+    direction = torch.randn(d, generator=gen)
+    direction = direction / direction.norm()
+    labels = torch.arange(n) % 2
+    x = torch.randn(n, d, generator=gen) + (labels[:, None].float() - 0.5) * separation * direction
+    return x, labels
+
+
+def own_membership(x: torch.Tensor, *, scale: str, temperature: float) -> float:
+    centres = dpc_knn_centres(x, k=2)
+    cluster = assign_to_centres(x, centres)
+    p = soft_membership(x, centres, temperature=temperature, scale=scale)
+    return float(p.gather(1, cluster[:, None]).mean())
+
+
+def test_width_memberships_sharpen_as_the_modes_separate_and_spread_ones_do_not() -> None:
+    """Issue 14: with the former unit (the spread of all distances, which grows with the
+    separation) a patch kept ~0.73 of its own cluster at tau = 2 however far apart the
+    modes; with the clusters' width as unit, memberships grow towards hard as the modes
+    separate and stay soft where one mode is merely cut in two (measured, tau = 1:
+    0.75 / 0.92 / 0.998 at 1 / 8 / 16 standard deviations; spread 0.67 / 0.72 / 0.73)."""
+    separations = (1.0, 8.0, 16.0)
+    width = [own_membership(planted_two_modes(s)[0], scale="width", temperature=1.0) for s in separations]
+    spread = [own_membership(planted_two_modes(s)[0], scale="spread", temperature=2.0) for s in separations]
+    assert width[0] < width[1] < width[2]
+    assert width[0] < 0.85 and width[2] > 0.99
+    assert max(spread) < 0.76
 
 
 def test_soft_assignment_lets_the_loss_move_tokens_between_clusters() -> None:

@@ -10,6 +10,16 @@ If the tumor and TME weight-gradient blocks point against each other (cosine < 0
 block of the LESS confident subspace is projected once onto the normal plane of the more
 confident one: g <- g - (g.h / |h|^2) h. Ties go to tumor (TME is projected).
 
+Granularity (``granularity``). ``"block"`` (ours, the default until measured otherwise)
+takes each subspace's whole (C, d) weight-gradient block as one vector: one cosine, one
+projection. ``"row"`` is what the reference code does: each class row c of the head (the
+weights that make logit c) separately; rows whose tumor and TME parts have a negative
+cosine have the less confident part projected onto the normal plane of the other's,
+then rescaled to the norm it had (the reference's step), and the other rows are left
+alone. Row-wise, a conflict on one class is resolved even when the blocks as a whole
+agree, and classes without conflict keep their full gradient. Which subspace is the
+less confident is decided once per step for both (the confidences are per subspace).
+
 Under DistributedDataParallel the gradients are already averaged over processes when
 backward returns; the confidences are sums over the local batch, so we all-reduce (sum)
 them. Every rank then takes the same decision on the same gradients, which equals the
@@ -28,16 +38,21 @@ from torch import Tensor
 from napari_dismm.model.heads import SubspaceFusionHead, check_task
 
 
+GRANULARITIES = ("block", "row")
+
+
 @dataclass(frozen=True)
 class CGCReport:
-    """What CGC did in one step: the cosine between the blocks (before projection), which
-    subspace's block was projected (None when the cosine was >= 0 or undefined), and the
-    two confidences used for the decision."""
+    """What CGC did in one step: the cosine between the whole blocks (before projection),
+    which subspace's gradient was projected (None when nothing was: cosine >= 0 or
+    undefined, or no conflicting row), the two confidences used for the decision, and how
+    many class rows were projected (all of them when a block was)."""
 
     cosine: float
     projected: str | None
     confidence_tumor: float
     confidence_tme: float
+    rows_projected: int = 0
 
 
 def _distributed(process_group: object | None) -> bool:
@@ -69,9 +84,25 @@ def subspace_confidences(
     return conf
 
 
+def _project_rows(g: Tensor, h: Tensor, conflict: Tensor) -> Tensor:
+    """Rows of g (C, d) where ``conflict``: projected onto the normal plane of the same row
+    of h, then rescaled to their former norm. A row that (nearly) vanishes, i.e. was
+    anti-parallel to h, is set to zero: rescaling its round-off would invent a direction."""
+    hh = (h * h).sum(dim=1, keepdim=True)
+    projected = g - (g * h).sum(dim=1, keepdim=True) / hh.clamp_min(torch.finfo(h.dtype).tiny) * h
+    before, after = g.norm(dim=1, keepdim=True), projected.norm(dim=1, keepdim=True)
+    kept = after > 1e-7 * before  # float64 round-off is ~1e-16 of the norm
+    projected = torch.where(kept, projected * before / after.clamp_min(torch.finfo(g.dtype).tiny), 0.0)
+    return torch.where(conflict[:, None], projected, g)
+
+
 @torch.no_grad()
-def coordinate_gradients(head: SubspaceFusionHead, confidences: Tensor) -> CGCReport:
-    """Project the less confident block's gradient if the blocks conflict; in place."""
+def coordinate_gradients(head: SubspaceFusionHead, confidences: Tensor, *, granularity: str = "block") -> CGCReport:
+    """Project the less confident subspace's gradient where the two conflict; in place.
+
+    ``granularity``: "block" (whole blocks) or "row" (per class row, the reference's)."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"unknown CGC granularity {granularity!r}; expected one of {GRANULARITIES}")
     grad = head.linear.weight.grad
     s_tumor, s_tme = (float(c) for c in confidences)
     if grad is None:
@@ -79,27 +110,30 @@ def coordinate_gradients(head: SubspaceFusionHead, confidences: Tensor) -> CGCRe
     d = head.d
     g_tumor, g_tme = grad[:, :d], grad[:, d:]
     # work in float64 so orthogonality holds to round-off of the final cast only
-    t, e = g_tumor.reshape(-1).double(), g_tme.reshape(-1).double()
+    t, e = g_tumor.double(), g_tme.double()
     norms = t.norm() * e.norm()
-    if norms == 0:
-        return CGCReport(float("nan"), None, s_tumor, s_tme)
-    cosine = float(t @ e / norms)
-    if cosine >= 0:
+    cosine = float((t * e).sum() / norms) if norms > 0 else float("nan")
+    tumor_first = s_tumor >= s_tme
+    projected, block, g, h = ("tme", g_tme, e, t) if tumor_first else ("tumor", g_tumor, t, e)
+    if granularity == "block":
+        if norms == 0 or cosine >= 0:
+            return CGCReport(cosine, None, s_tumor, s_tme)
+        g = g - (g * h).sum() / (h * h).sum() * h
+        block.copy_(g.to(block.dtype))
+        return CGCReport(cosine, projected, s_tumor, s_tme, rows_projected=grad.shape[0])
+    conflict = (t * e).sum(dim=1) < 0  # a zero row has cosine 0 (no conflict)
+    if not conflict.any():
         return CGCReport(cosine, None, s_tumor, s_tme)
-    if s_tumor >= s_tme:
-        projected, block, g, h = "tme", g_tme, e, t
-    else:
-        projected, block, g, h = "tumor", g_tumor, t, e
-    g = g - (g @ h) / (h @ h) * h
-    block.copy_(g.view_as(block).to(block.dtype))
-    return CGCReport(cosine, projected, s_tumor, s_tme)
+    block.copy_(_project_rows(g, h, conflict).to(block.dtype))
+    return CGCReport(cosine, projected, s_tumor, s_tme, rows_projected=int(conflict.sum()))
 
 
 class CGCStep:
     """Convenience for models with one SubspaceFusionHead per magnification
     (``model.fusion_heads``; under DDP pass ``ddp.module.fusion_heads``): ``observe``
     before backward, ``apply`` after it. ``enabled=False`` (config ``cgc``) makes both
-    no-ops, for ablations."""
+    no-ops, for ablations; ``granularity`` (config ``cgc_granularity``) as in
+    ``coordinate_gradients``."""
 
     def __init__(
         self,
@@ -108,8 +142,12 @@ class CGCStep:
         task: str,
         enabled: bool = True,
         process_group: object | None = None,
+        granularity: str = "block",
     ) -> None:
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"unknown CGC granularity {granularity!r}; expected one of {GRANULARITIES}")
         self.heads = heads
+        self.granularity = granularity
         self.task = check_task(task)
         self.enabled = enabled
         self.process_group = process_group
@@ -127,6 +165,7 @@ class CGCStep:
         }
 
     def apply(self) -> dict[str, CGCReport]:
-        reports = {mag: coordinate_gradients(self.heads[mag], conf) for mag, conf in self._confidences.items()}
+        reports = {mag: coordinate_gradients(self.heads[mag], conf, granularity=self.granularity)
+                   for mag, conf in self._confidences.items()}
         self._confidences = {}
         return reports

@@ -36,10 +36,15 @@ FORMAT_VERSION = 4
 #: (format 2: the student's ITA got soft assignment, the teacher a spatial context;
 #: format-1 students merged hard, so their temperature is never used, and format-1
 #: teachers saw each patch alone; format 3: the teacher's subspace features carry the
-#: gene embedding and it has a slide-only head: older teachers had neither)
+#: gene embedding and it has a slide-only head: older teachers had neither; format 4: the
+#: student's ITA chooses its centres on its anchor sample and got a choice of membership
+#: unit: older students took centres among the densest tokens and scaled by the spread;
+#: the teacher's CGC got a granularity, and older teachers were trained with whole blocks;
+#: the teacher got gene gates, and older teachers let the genes in ungated)
 _ADDED_IN = {2: {"student": {"assignment": "hard", "temperature": 2.0}, "teacher": {"spatial_context": 0.0}},
              3: {"teacher": {"gene_residual": False, "slide_head": False, "gene_dropout": 0.0, "base_query": False}},
-             4: {"teacher": {"gene_gate": False}}}
+             4: {"student": {"candidates": "densest", "membership_scale": "spread"},
+                 "teacher": {"cgc_granularity": "block", "gene_gate": False}}}
 RESERVED = frozenset({"model", "model_id", "format_version"})
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
 

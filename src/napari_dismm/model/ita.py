@@ -7,29 +7,52 @@ the nearest denser token (the densest gets the largest distance), centre score =
 rho * delta, top K. Every token joins its nearest centre and each merged token is the
 w-weighted mean of its cluster.
 
-The reference builds the full N x N distance matrix (160 GB at 200k tokens). Here:
+The reference builds the full N x N distance matrix (160 GB at 200k tokens). Here the
+centres are chosen by exact DPC-kNN on an **anchor sample** (``candidates="anchors"``,
+format 4 on): the first M tokens in key order (``permutation_keys`` hashes each token's
+content, so this is a uniform random sample that any permutation of the bag draws
+alike), M = ``n_anchors`` (2048 by default). Density, delta and score are computed among
+the anchors only (O(M^2) time and memory, whatever N); then every token joins its nearest
+centre (O(N K), chunked). Why a sample and not the densest tokens:
 
-1. **Density** is the kNN density against an anchor subset of M tokens, streamed in
-   chunks (O(N M) time, O(chunk M) memory). When N <= M every token is an anchor and
-   the density is exact. Otherwise the k nearest of a random M-subset stand for roughly
-   the k N / M nearest of all tokens: the same density, seen at a coarser bandwidth. A
-   token's distance to itself is left out, so anchors are not favoured over the rest.
-2. **Delta** is computed inside the C densest tokens (the candidates). Everything denser
-   than a candidate is itself a candidate, so delta is exact for them; centres are
-   picked among the candidates (with N <= C this is exactly DPC-kNN). Low-density
-   outliers far from everything cannot become centres when N > C, by design.
-3. **Assignment** to the nearest of the K centres, chunked.
+- A large mode cannot be missed. A mode holding a share f of the bag has about f M
+  anchors (at f = 1 %, 20 of 2048; missing it entirely has probability (1 - f)^M, 1e-9),
+  so its own density peak is among the candidates with its true delta (the distance to
+  the other mode). The former rule (``"densest"``, models of format <= 3: density of every
+  token against the anchors, centres among the C = 1024 densest of all N tokens) put all
+  C candidates in the single densest mode once N >> C: two modes of 45 % and 35 % were
+  both found at 3k tokens and one of them was lost at 30k and 100k
+  (tests/model/test_ita_scale.py).
+- The same clustering in training and at inference. The student trains on subsets of at
+  most ``max_patches`` (4096) tokens and predicts on whole bags of up to 100k+: both run
+  DPC-kNN on M tokens drawn alike from the same distribution, at the same kNN bandwidth;
+  with the densest-C rule the candidates were the top C/N of the bag, a share that
+  shrank 25-fold from training to inference.
+- Exact where it fits: with N <= M every token is an anchor and this is DPC-kNN itself.
+  On two-mode bags of 3k-5k tokens (with a diffuse background of 20 %) the partition
+  agrees with exact DPC-kNN's on every mode token (adjusted Rand 1.00) and 0.78-1.00 on
+  all tokens (the background between the modes is split where the centres fall).
+- Deterministic: no generator is needed, the sample is a function of the bag's content.
 
 Hard or soft merging (``assignment``). The reference merges each cluster's tokens with a
 hard nearest-centre assignment, so no gradient tells a token which cluster it should
 join: on tokens where tissue type is not the largest source of variance, the two
 clusters follow noise and the subspace maps cannot localise. With ``"soft"`` (the
 default for new models) every token belongs to every centre with a membership
-p_ik = softmax_k(-d_ik / (tau s)), d_ik its scaled squared distance to centre k and s the
-spread of those distances around each token's mean (no gradient), and merged token k is
-the (w p_k)-weighted mean; gradients then move tokens between clusters. The cluster id
-shown in the viewer stays the nearest centre (the membership's argmax). ``"hard"`` is
-the reference, and how models saved before the option were trained.
+p_ik = softmax_k(-d_ik / (tau s)), d_ik its scaled squared distance to centre k and s a
+unit that follows the tokens' scale (no gradient), and merged token k is the (w p_k)-weighted
+mean; gradients then move tokens between clusters. The cluster id shown in the viewer
+stays the nearest centre (the membership's argmax). ``"hard"`` is the reference, and how
+models saved before format 2 were trained. The unit s (``membership_scale``):
+``"spread"`` (the default, and every model before format 4) is the spread of all
+distances, which grows with the separation itself, so a patch never gets more than ~0.73
+of its own cluster at tau = 2 however far apart the modes are; ``"width"`` is the
+clusters' own width, so memberships sharpen to hard as the clusters separate and stay
+soft while they overlap. Measured on the planted cohort (test_planted, held-out student
+tumor / TME maps): spread at tau 2 0.798 / 0.826; width at tau 1 / 2 / 4 0.672 / 0.692,
+0.755 / 0.790, 0.778 / 0.822; hard 0.580 / 0.619. Sharper memberships pass less gradient
+between the clusters, and the maps learn less: the default stays "spread" at tau 2
+(``soft_membership``; figures in benchmarks/bench_ita.py and the README).
 
 Everything is decided in a canonical order that depends only on the tokens themselves
 (``permutation_keys``: a hash of the coordinates and of the raw feature bits), and ties
@@ -64,6 +87,8 @@ __all__ = [
 ]
 
 ASSIGNMENTS = ("hard", "soft")
+CANDIDATES = ("anchors", "densest")
+MEMBERSHIP_SCALES = ("width", "spread")
 
 _MASK_31 = (1 << 31) - 1
 _C1 = 0x9E3779B97F4A7C15 - (1 << 64)  # splitmix64 constants as signed int64
@@ -143,21 +168,41 @@ def _key_order(keys: Tensor) -> Tensor:
     return torch.sort(keys, stable=True).indices
 
 
+def _peaks(x: Tensor, log_rho: Tensor, *, k: int) -> Tensor:
+    """Positions (min(k, c),) of the DPC centres among c tokens already in density order
+    (densest first): delta = distance to the nearest earlier (denser) token, the densest
+    gets the largest distance; score = log rho + log delta, ties to the denser token."""
+    c = x.shape[0]
+    dist = _scaled_sq_dist(x, x).sqrt_()
+    denser = torch.ones(c, c, dtype=torch.bool, device=x.device).tril_(-1)  # j < i is denser
+    delta = dist.masked_fill(~denser, torch.inf).amin(dim=1)
+    delta[0] = dist.amax() if c > 1 else 1.0
+    score = log_rho + torch.log(delta.clamp_min(torch.finfo(x.dtype).tiny))
+    return torch.sort(score, descending=True, stable=True).indices[: min(k, c)]
+
+
 @torch.no_grad()
 def dpc_knn_centres(
     x: Tensor,
     *,
     k: int,
     knn: int = 5,
-    n_anchors: int = 1024,
+    n_anchors: int = 2048,
     n_candidates: int = 1024,
     keys: Tensor | None = None,
     chunk_size: int = 8192,
+    candidates: str = "anchors",
 ) -> Tensor:
     """Indices (min(k, n),) of the DPC-kNN centres of x (n, d), best centre first.
 
-    Ties in density go to the smaller key, ties in centre score to the denser token; so
-    the result (as a set of tokens, and its order) does not depend on the row order."""
+    ``candidates="anchors"``: DPC-kNN on the anchor sample alone (the first ``n_anchors``
+    tokens in key order; O(M^2) for M anchors, nothing grows with n). ``"densest"`` (models
+    of format <= 3): density of every token against the anchors, centres among the
+    ``n_candidates`` densest tokens. Ties in density go to the smaller key, ties in centre
+    score to the denser token; so the result (as a set of tokens, and its order) does not
+    depend on the row order."""
+    if candidates not in CANDIDATES:
+        raise ValueError(f"unknown ITA candidate rule {candidates!r}; expected one of {CANDIDATES}")
     x = x.detach().to(torch.float32)
     n = x.shape[0]
     if n == 0:
@@ -166,18 +211,18 @@ def dpc_knn_centres(
         keys = permutation_keys(features=x)
     canonical = _key_order(keys)
     anchors = canonical[: min(n, n_anchors)]
-    log_rho = _knn_log_density(x, anchors, knn=knn, chunk_size=chunk_size)
-    # density order: rho descending, then canonical (key) order
-    by_density = canonical[torch.sort(log_rho[canonical], descending=True, stable=True).indices]
-    cand = by_density[: min(n, n_candidates)]
-    c = cand.shape[0]
-    dist = _scaled_sq_dist(x[cand], x[cand]).sqrt_()
-    denser = torch.ones(c, c, dtype=torch.bool, device=x.device).tril_(-1)  # j < i is denser
-    delta = dist.masked_fill(~denser, torch.inf).amin(dim=1)
-    delta[0] = dist.amax() if c > 1 else 1.0
-    score = log_rho[cand] + torch.log(delta.clamp_min(torch.finfo(x.dtype).tiny))
-    best = torch.sort(score, descending=True, stable=True).indices[: min(k, c)]
-    return cand[best]
+    if candidates == "anchors":
+        log_rho = _knn_log_density(x[anchors], torch.arange(anchors.shape[0], device=x.device), knn=knn,
+                                   chunk_size=chunk_size)
+        cand_rho, by_density = torch.sort(log_rho, descending=True, stable=True)  # ties: anchors are in key order
+        cand = anchors[by_density]
+    else:
+        log_rho = _knn_log_density(x, anchors, knn=knn, chunk_size=chunk_size)
+        # density order: rho descending, then canonical (key) order
+        by_density = canonical[torch.sort(log_rho[canonical], descending=True, stable=True).indices]
+        cand = by_density[: min(n, n_candidates)]
+        cand_rho = log_rho[cand]
+    return cand[_peaks(x[cand], cand_rho, k=k)]
 
 
 @torch.no_grad()
@@ -194,19 +239,63 @@ def assign_to_centres(x: Tensor, centres: Tensor, *, chunk_size: int = 65536) ->
     return cluster
 
 
-def soft_membership(x: Tensor, centres: Tensor, *, temperature: float) -> Tensor:
-    """(n, K) membership of each token in each centre's cluster, rows summing to 1.
+def _spread_unit(d2: Tensor) -> Tensor:
+    """Format <= 3 (``"spread"``): the spread of each token's distances around its mean
+    distance. Scale-free in the centres' separation: at a given temperature a typical
+    token gets the same membership however far apart the clusters are."""
+    return (d2 - d2.mean(dim=1, keepdim=True)).std(correction=0)
 
-    Differentiable in x (the centres are tokens too). The distances are divided by their
-    spread around each token's mean distance (a constant, so the temperature means the
-    same at any token scale). Nothing of size (n, d) beyond x itself is built."""
+
+def _width_unit(d2: Tensor) -> Tensor:
+    """``"width"``: the clusters' own width, the pooled within-cluster standard deviation
+    of the distance gaps g_ik = d2_ik - d2_ia (token i of cluster a, i.e. nearest centre a,
+    and each other centre k). A token's log-odds of its own cluster over k is then its gap
+    in units of that width (/ temperature): tokens sharpen to their cluster as the clusters
+    separate (the gaps grow with the centres' distance, the width only with the clusters'
+    own spread), and a mode cut in two stays soft (its halves' gaps are about as wide as
+    they are large: about 0.8 of the own cluster at temperature 1). Unlike a
+    Gaussian-mixture posterior at the centres it does not mistake two far-apart centre
+    *tokens* (in high dimension any two tokens are far apart) for two far-apart modes.
+    Clusters of one token say nothing and are left out (0 when nothing is left: hard)."""
+    n, k = d2.shape
+    g64 = d2.double()
+    nearest = g64.argmin(dim=1)
+    onehot = nn.functional.one_hot(nearest, k).double()  # (n, K)
+    counts = onehot.sum(dim=0)  # (K,)
+    gap = g64 - g64.gather(1, nearest[:, None])  # (n, K), >= 0
+    mean = (onehot.T @ gap) / counts.clamp_min(1)[:, None]  # (K, K): [a, k] over the tokens of a
+    var = (onehot.T @ (gap - mean[nearest]) ** 2) / counts.clamp_min(1)[:, None]
+    valid = (counts[:, None] >= 2) & ~torch.eye(k, dtype=torch.bool, device=d2.device)
+    if not valid.any():
+        return d2.new_zeros(())
+    weights = counts[:, None].expand(k, k)[valid]
+    return ((var[valid] * weights).sum() / weights.sum()).sqrt().to(d2.dtype)
+
+
+def soft_membership(x: Tensor, centres: Tensor, *, temperature: float, scale: str = "spread") -> Tensor:
+    """(n, K) membership of each token in each centre's cluster, rows summing to 1:
+    p_ik = softmax_k(-d2_ik / (temperature * unit)), d2 the scaled squared distances.
+
+    ``scale`` sets the unit (no gradient flows through it, and it scales with the tokens,
+    so the memberships do not depend on the token scale): ``"width"`` the clusters' own
+    width, so memberships sharpen towards the nearest centre as the clusters separate;
+    ``"spread"`` (the default) the spread of the distances, which keeps a typical patch at
+    the same membership whatever the separation (about 0.73 of its own cluster at
+    temperature 2).
+    Differentiable in x (the centres are tokens too). Nothing of size (n, d) beyond x."""
+    if scale not in MEMBERSHIP_SCALES:
+        raise ValueError(f"unknown membership scale {scale!r}; expected one of {MEMBERSHIP_SCALES}")
     ref = x[centres]
     sq = torch.linalg.vector_norm(x, dim=-1, keepdim=True) ** 2
     d2 = (sq - 2.0 * x @ ref.T + (ref * ref).sum(-1)[None, :]).clamp_min(0.0) / x.shape[-1]
     if centres.shape[0] < 2:
         return torch.ones_like(d2)
-    spread = (d2 - d2.mean(dim=1, keepdim=True)).detach().std(correction=0)
-    return torch.softmax(-d2 / (temperature * spread.clamp_min(torch.finfo(d2.dtype).eps)), dim=1)
+    with torch.no_grad():
+        free = d2.detach()
+        unit = _spread_unit(free) if scale == "spread" else _width_unit(free)
+        # a floor that keeps -d2 / unit finite (hard memberships when the clusters have no width)
+        unit = unit.clamp_min(1e-6 * float(free.mean())).clamp_min(torch.finfo(d2.dtype).tiny)
+    return torch.softmax(-d2 / (temperature * unit), dim=1)
 
 
 def merge_soft(x: Tensor, weight: Tensor, membership: Tensor) -> tuple[Tensor, Tensor]:
@@ -304,12 +393,14 @@ class InformativeTokenAggregation(nn.Module):
         *,
         k: int = 2,
         knn: int = 5,
-        n_anchors: int = 1024,
+        n_anchors: int = 2048,
         n_candidates: int = 1024,
         score_clamp: float = 10.0,
         chunk_size: int = 8192,
         assignment: str = "soft",
         temperature: float = 2.0,
+        candidates: str = "anchors",
+        membership_scale: str = "spread",
     ) -> None:
         super().__init__()
         if k < 1 or knn < 1 or n_anchors < 2 or n_candidates < k:
@@ -317,9 +408,13 @@ class InformativeTokenAggregation(nn.Module):
         if assignment not in ASSIGNMENTS or not temperature > 0:
             raise ValueError(f"bad ITA assignment {assignment!r} / temperature {temperature} "
                              f"(one of {ASSIGNMENTS}, temperature > 0)")
+        if candidates not in CANDIDATES or membership_scale not in MEMBERSHIP_SCALES:
+            raise ValueError(f"bad ITA candidates {candidates!r} / membership scale {membership_scale!r} "
+                             f"(one of {CANDIDATES} / {MEMBERSHIP_SCALES})")
         self.k, self.knn, self.n_anchors, self.n_candidates = k, knn, n_anchors, n_candidates
         self.score_clamp, self.chunk_size = score_clamp, chunk_size
         self.assignment, self.temperature = assignment, temperature
+        self.candidates, self.membership_scale = candidates, membership_scale
         self.scorer = nn.Linear(d, 1)
 
     def aggregate(self, x: Tensor, *, prototypes: Tensor, keys: Tensor | None = None) -> BagAggregation:
@@ -339,13 +434,13 @@ class InformativeTokenAggregation(nn.Module):
         weight = score.exp()
         centres = dpc_knn_centres(
             x, k=self.k, knn=self.knn, n_anchors=self.n_anchors, n_candidates=self.n_candidates,
-            keys=keys, chunk_size=self.chunk_size,
+            keys=keys, chunk_size=self.chunk_size, candidates=self.candidates,
         )
         cluster = assign_to_centres(x, centres)
         is_centre = torch.zeros(n, dtype=torch.bool, device=x.device)
         is_centre[centres] = True
         if self.assignment == "soft" and centres.numel() > 0:
-            membership = soft_membership(x, centres, temperature=self.temperature)
+            membership = soft_membership(x, centres, temperature=self.temperature, scale=self.membership_scale)
             membership = nn.functional.pad(membership, (0, self.k - centres.shape[0]))  # fewer tokens than k
             merged, totals = merge_soft(x, weight, membership)
         else:

@@ -24,7 +24,15 @@ from napari_dismm.errors import DataError, ModelConfigError
 from napari_dismm.model.config import validate_common
 from napari_dismm.model.heads import SubspaceFusionHead, combine_magnifications
 from napari_dismm.model.inputs import check_bags, mask_for
-from napari_dismm.model.ita import ASSIGNMENTS, BagAggregation, InformativeTokenAggregation, default_prototypes, permutation_keys
+from napari_dismm.model.ita import (
+    ASSIGNMENTS,
+    CANDIDATES,
+    MEMBERSHIP_SCALES,
+    BagAggregation,
+    InformativeTokenAggregation,
+    default_prototypes,
+    permutation_keys,
+)
 from napari_dismm.model.layers import PatchEmbedding
 from napari_dismm.model.mixing import TokenMixer
 from napari_dismm.model.outputs import SUBSPACES, ITAResult, ModelOutput
@@ -37,13 +45,18 @@ class StudentConfig:
     """Architecture of the student. ``n_outputs``: classes or survival time bins.
 
     ITA: ``k`` merged tokens (reference 2), ``knn`` neighbours for the density,
-    ``n_anchors`` tokens the density is measured against (exact when the bag is no
-    larger), ``n_candidates`` densest tokens among which centres are chosen (exact
-    DPC-kNN when the bag is no larger). Mixing: ``n_mixing_layers`` efficient-attention
-    blocks with ``n_heads`` heads; ``use_coords`` adds an MLP of the real coordinates.
+    ``n_anchors`` tokens sampled (in key order) on which DPC-kNN chooses the centres
+    (exact when the bag is no larger); ``candidates``: "anchors" (the centres come from
+    that sample, format 4 on) or "densest" (format <= 3: every token's density against
+    the anchors, centres among the ``n_candidates`` densest tokens). Mixing:
+    ``n_mixing_layers`` efficient-attention blocks with ``n_heads`` heads; ``use_coords``
+    adds an MLP of the real coordinates.
     ``chunk_size`` bounds the tokens processed at once (memory vs. speed).
-    ``assignment``: "soft" (memberships at ``temperature``, gradients reach the
-    clustering) or "hard" (the reference's nearest centre); see ``model.ita``."""
+    ``assignment``: "soft" (memberships at ``temperature`` in units of
+    ``membership_scale``, gradients reach the clustering) or "hard" (the reference's
+    nearest centre); ``membership_scale`` "spread" (of all distances, the default) or
+    "width" (the clusters' own width: memberships sharpen as the clusters separate, which
+    cost the planted student's maps; README); see ``model.ita``."""
 
     kind: str = "student"
     task: str = "classification"
@@ -53,7 +66,7 @@ class StudentConfig:
     magnifications: tuple[str, ...] = ("10x", "20x")
     k: int = 2
     knn: int = 5
-    n_anchors: int = 1024
+    n_anchors: int = 2048
     n_candidates: int = 1024
     n_heads: int = 4
     n_mixing_layers: int = 1
@@ -65,6 +78,8 @@ class StudentConfig:
     combine: str = "max_confidence"
     assignment: str = "soft"
     temperature: float = 2.0
+    candidates: str = "anchors"
+    membership_scale: str = "spread"
 
     def __post_init__(self) -> None:
         self.magnifications = tuple(self.magnifications)
@@ -83,13 +98,16 @@ class StudentConfig:
             "chunk_size": self.chunk_size >= 1,
             "assignment": self.assignment in ASSIGNMENTS,
             "temperature": self.temperature > 0,
+            "candidates": self.candidates in CANDIDATES,
+            "membership_scale": self.membership_scale in MEMBERSHIP_SCALES,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ModelConfigError(
                 f"invalid StudentConfig value(s) for {', '.join(bad)} "
                 f"(need k, knn >= 1, n_anchors >= 2, n_candidates >= k, d divisible by n_heads, "
-                f"assignment one of {ASSIGNMENTS}, temperature > 0)"
+                f"assignment one of {ASSIGNMENTS}, temperature > 0, candidates one of {CANDIDATES}, "
+                f"membership_scale one of {MEMBERSHIP_SCALES})"
             )
 
 
@@ -108,7 +126,8 @@ class StudentBranch(nn.Module):
         self.ita = InformativeTokenAggregation(
             cfg.d, k=cfg.k, knn=cfg.knn, n_anchors=cfg.n_anchors, n_candidates=cfg.n_candidates,
             score_clamp=cfg.score_clamp, chunk_size=min(cfg.chunk_size, 8192),
-            assignment=cfg.assignment, temperature=cfg.temperature,
+            assignment=cfg.assignment, temperature=cfg.temperature, candidates=cfg.candidates,
+            membership_scale=cfg.membership_scale,
         )
 
     def run_bag(

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from napari_dismm.errors import DataError, ModelConfigError
+from napari_dismm.model.cgc import GRANULARITIES as CGC_GRANULARITIES
 from napari_dismm.model.config import validate_common
 from napari_dismm.model.context import magnification_number, with_context
 from napari_dismm.model.dmf import SubspaceCrossAttention
@@ -58,7 +59,8 @@ class TeacherConfig:
 
     ``n_outputs`` is the number of classes (classification) or time bins (survival).
     ``cgc``, ``dev_weight``, ``dev_scale`` and ``patch_size_10x_level0`` are read by the
-    training loop (CGC toggle for ablations; DEV loss weight, scale and the 10x patch size
+    training loop (CGC toggle for ablations and ``cgc_granularity``, "block" or "row",
+    model/cgc.py; DEV loss weight, scale and the 10x patch size
     in level-0 pixels for pooling onto the 10x grid). ``subspace_split=False`` is the
     ablation without knowledge-driven subspaces: one gene encoder reads all genes and queries
     both subspaces, so nothing but their own attention weights tells tumor from TME.
@@ -77,6 +79,7 @@ class TeacherConfig:
     n_heads: int = 4
     combine: str = "max_confidence"
     cgc: bool = True
+    cgc_granularity: str = "block"
     dev_weight: float = 3e-4
     dev_scale: float = 1.0  # issue 14: DEV is the mean of the subspaces' terms at scale 1 (was sum x 1e4)
     dev_form: str = "agreement"
@@ -93,6 +96,9 @@ class TeacherConfig:
         validate_common(self)
         if self.n_heads < 1 or self.d % self.n_heads:
             raise ModelConfigError(f"d={self.d} must be divisible by n_heads={self.n_heads}")
+        if self.cgc_granularity not in CGC_GRANULARITIES:
+            raise ModelConfigError(f"cgc_granularity must be one of {', '.join(CGC_GRANULARITIES)}, "
+                                   f"got {self.cgc_granularity!r}")
         if self.dev_form not in DEV_FORMS:
             raise ModelConfigError(f"dev_form must be one of {', '.join(DEV_FORMS)}, got {self.dev_form!r}")
         if self.patch_size_10x_level0 <= 0:
