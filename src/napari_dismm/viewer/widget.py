@@ -322,6 +322,9 @@ class PredictionWidget(Container):
             if not region:
                 show_error(f"the region layer {self.region.value.name!r} has no rectangle or polygon: draw one")
                 return False
+        from napari_dismm.viewer.triton_guard import keep_triton_out_if_llvm_loaded
+
+        keep_triton_out_if_llvm_loaded()  # before the worker imports torch (see the module)
         self._cancel = threading.Event()
         self._progress_state = ("starting", 0.0)
         self._worker = self._make_worker(region=region,
