@@ -247,6 +247,8 @@ class PredictionWidget(Container):
 
         self.prediction = None
         self._worker = None
+        self._export_worker = None
+        self.last_export: Path | None = None
         self._cancel = threading.Event()
         self._progress_state: tuple[str, float] = ("starting", 0.0)
         self._progress_bar = None
@@ -509,20 +511,57 @@ class PredictionWidget(Container):
             show_error(str(error))
             return []
 
-    def export_bundle(self, path: str | Path) -> Path | None:
-        """Write the shown prediction as a bundle (prediction.json, patches.csv, attention.geojson)."""
+    @property
+    def exporting(self) -> bool:
+        return self._export_worker is not None
+
+    def export_bundle(self, path: str | Path) -> bool:
+        """Write the shown prediction as a bundle (prediction.json, patches.csv, GeoJSON, the
+        pyramidal overlay TIFFs) in a worker thread, with a busy progress bar: the TIFFs of a
+        large slide take tens of seconds, which on the GUI thread froze the viewer. False (with
+        a message) when refused; the written directory lands in ``last_export``."""
         if self.prediction is None:
             show_error("nothing to export: run a prediction or open a bundle first")
-            return None
+            return False
+        if self.exporting:
+            show_warning("an export is already running: wait for it")
+            return False
+        from napari.qt.threading import thread_worker
+        from napari.utils import progress
+
         from napari_dismm.bundle import write_bundle
 
-        try:
-            out = write_bundle(self.prediction, path)
-        except (DismmError, OSError) as error:
-            show_error(f"export failed: {error}")
-            return None
-        show_info(f"prediction written to {out}")
-        return out
+        prediction, target = self.prediction, Path(path)
+
+        def job():
+            try:
+                return "done", write_bundle(prediction, target)
+            except (DismmError, OSError) as error:
+                return "failed", str(error)
+
+        bar = progress(total=0, desc=f"DisMM: writing the bundle to {target.name}")  # busy: no fraction known
+
+        def returned(result) -> None:
+            outcome, payload = result
+            if outcome == "done":
+                self.last_export = payload
+                show_info(f"prediction written to {payload}")
+            else:
+                show_error(f"export failed: {payload}")
+
+        def finished() -> None:
+            bar.close()
+            self._export_worker = None
+            self.export_button.enabled = True
+
+        self.last_export = None
+        self.export_button.enabled = False
+        self._export_worker = thread_worker(job, start_thread=False, connect={
+            "returned": returned, "errored": lambda error: show_error(f"export failed: {error}"),
+            "finished": finished,
+        })()
+        self._export_worker.start()
+        return True
 
     def save_png(self, path: str | Path) -> Path | None:
         """A PNG of the current view (canvas only, as on screen)."""
