@@ -67,25 +67,36 @@ def open_with_widget(slide: str):
 
 
 def run_until_drawn(viewer, widget):
-    """(seconds from Run to the first frame drawn after the worker finished, the Prediction)."""
+    """(seconds from Run to the first frame drawn after the layers were added, the Prediction)."""
     from qtpy.QtCore import QEventLoop, QTimer
 
     canvas = viewer.window._qt_viewer.canvas._scene_canvas  # vispy SceneCanvas (private)
+    shown: dict[str, float] = {}
+
+    def on_draw(event) -> None:
+        if "layers" in shown and "drawn" not in shown:
+            shown["drawn"] = time.perf_counter()
+
+    canvas.events.draw.connect(on_draw)
     t0 = time.perf_counter()
     assert widget.run(), widget.status.value
+    # connected after the widget's own handler, which adds the layers: runs once they are in
+    widget._worker.returned.connect(lambda _result: shown.setdefault("layers", time.perf_counter()))
     loop = QEventLoop()  # napari's own event loop, idle between events (no polling here)
     widget._worker.finished.connect(loop.quit)
     loop.exec()
-    drawn = QEventLoop()
+    if "drawn" not in shown:  # no frame yet: ask for one and wait for it
+        drawn = QEventLoop()
 
-    def on_draw(event) -> None:
-        canvas.events.draw.disconnect(on_draw)
-        QTimer.singleShot(0, drawn.quit)
+        def quit_after_draw(event) -> None:
+            canvas.events.draw.disconnect(quit_after_draw)
+            QTimer.singleShot(0, drawn.quit)
 
-    canvas.events.draw.connect(on_draw)
-    canvas.update()
-    drawn.exec()
-    wall = time.perf_counter() - t0
+        canvas.events.draw.connect(quit_after_draw)
+        canvas.update()
+        drawn.exec()
+    canvas.events.draw.disconnect(on_draw)
+    wall = shown["drawn"] - t0
     pred = widget.prediction
     assert pred is not None, widget.status.value
     return wall, pred
