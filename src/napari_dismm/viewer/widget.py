@@ -375,9 +375,7 @@ class PredictionWidget(Container):
                 if region is not None:
                     from napari_dismm.region import predict_region
 
-                    if overlap > 0:
-                        notes.append("a region prediction uses the patch grid; the map overlap is not applied")
-                    prediction = predict_region(**common, region=region)
+                    prediction = predict_region(**common, region=region, overlap=overlap, bag=bag)
                 elif overlap > 0:
                     from napari_dismm.fine_maps import predict_slide_fine
 
