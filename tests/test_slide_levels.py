@@ -66,3 +66,21 @@ def test_zarr_view_equals_levels_on_the_real_slide(cmu_slide_path):
         np.testing.assert_array_equal(zarr_levels[0][:], whole)
         np.testing.assert_array_equal(zarr_levels[0][701:1459, 233:1999], slide.pyramid[0][701:1459, 233:1999])
         assert whole.std() > 10  # real tissue, not a background fill
+
+
+def test_reads_in_a_forked_child(stripped):
+    """The tile pool is per process: a child forked after the parent used it still reads."""
+    import multiprocessing
+
+    path, img = stripped
+    with open_slide(path) as slide:
+        np.asarray(slide.pyramid[0])  # the parent's pool is running
+        ctx = multiprocessing.get_context("fork")
+        with ctx.Pool(1) as pool:
+            got = pool.apply_async(_child_sum, (str(path),)).get(timeout=60)
+    assert got == int(img.sum(dtype=np.int64))
+
+
+def _child_sum(path: str) -> int:
+    with open_slide(path) as slide:
+        return int(np.asarray(slide.pyramid[0]).sum(dtype=np.int64))

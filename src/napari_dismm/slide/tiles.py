@@ -42,6 +42,16 @@ def _decode_pool() -> ThreadPoolExecutor:
         return _pool
 
 
+def _forget_pool_in_child() -> None:
+    """A forked child has none of the parent's pool threads: it makes its own on first use."""
+    global _pool
+    _pool = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_in_child)
+
+
 def chunk_extent(native: int, image: int) -> int:
     """Smallest multiple of the native tile that is >= 512 (never above 1024 when native
     tiles are smaller than 512); a native tile already >= 512 is kept as is; strips
