@@ -2,18 +2,23 @@
 
 Both are measured from process creation to the first vispy draw, in one run, alternating,
 so the ratio (ours / napari with a tiny in-memory image) shows the cost the slide adds.
-Needs a display: run under `xvfb-run -a python benchmarks/bench_view_first_frame.py`.
+Printed: the medians of each and the median of the per-pair ratios (each `dismm view` run
+over the napari run right after it, which shares its moment's machine load), with the load
+average before and after. Needs a display:
+
+    xvfb-run -a python benchmarks/bench_view_first_frame.py [--repeats 7]
 """
 
 from __future__ import annotations
 
+import argparse
+import os
 import statistics
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
-REPEATS = 3
 CMU = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "CMU-1-Small-Region.svs"
 
 FLOOR = textwrap.dedent(
@@ -41,17 +46,25 @@ def first_frame(command: list[str]) -> float:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
     from napari_dismm.slide.synthetic import sample_slide_path
 
     slides = {"sample slide": sample_slide_path(), "CMU-1-Small-Region": CMU}
     floor_cmd = [sys.executable, "-c", FLOOR]
+    print(f"load average before: {os.getloadavg()[0]:.2f}; {args.repeats} pairs per slide")
     for name, path in slides.items():
         ours, floor = [], []
-        for _ in range(REPEATS):
+        for _ in range(args.repeats):
             ours.append(first_frame([sys.executable, "-m", "napari_dismm.cli", "view", str(path), "--first-frame"]))
             floor.append(first_frame(floor_cmd))
         o, f = statistics.median(ours), statistics.median(floor)
-        print(f"{name:20s} dismm view first frame {o:6.2f} s | napari tiny image {f:6.2f} s | ratio {o / f:.2f}")
+        ratios = [a / b for a, b in zip(ours, floor, strict=True)]
+        print(f"{name:20s} dismm view first frame {o:6.2f} s | napari tiny image {f:6.2f} s | "
+              f"ratio of medians {o / f:.2f} | median paired ratio {statistics.median(ratios):.2f} "
+              f"[{min(ratios):.2f}-{max(ratios):.2f}]")
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -24,3 +24,15 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _no_triton_after_mesa(request):
+    """After a GUI test has loaded Mesa's LLVM (software OpenGL under Xvfb), a later import of
+    torchvision would load triton and segfault the test process: mark triton missing, as the
+    widgets do (`napari_dismm.viewer.triton_guard`)."""
+    yield
+    if request.node.get_closest_marker("gui") is not None:
+        from napari_dismm.viewer.triton_guard import keep_triton_out_if_llvm_loaded
+
+        keep_triton_out_if_llvm_loaded()

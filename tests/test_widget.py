@@ -134,7 +134,10 @@ def test_run_adds_layers_panel_and_exports(setup, qtbot, messages, tmp_path):
     assert shot.std() > 10
     assert diff > 2.0, diff
     # export: bundle and PNG
-    out = widget.export_bundle(tmp_path / "bundle")
+    assert widget.export_bundle(tmp_path / "bundle")  # written in a worker thread
+    assert widget.exporting and not widget.export_bundle(tmp_path / "again")  # one at a time
+    qtbot.waitUntil(lambda: not widget.exporting, timeout=60_000)
+    out = widget.last_export
     assert out is not None and is_bundle_dir(out) and read_bundle(out) == pred
     import json
 
@@ -199,7 +202,7 @@ def test_refusals_without_a_worker(setup, messages, tmp_path):
     assert widget.run() is False and "config.json" in messages["error"][-1]
     widget.slide.value = None
     assert widget.run() is False and "choose a slide layer" in messages["error"][-1]
-    assert widget.export_bundle(tmp_path / "x") is None and "nothing to export" in messages["error"][-1]
+    assert not widget.export_bundle(tmp_path / "x") and "nothing to export" in messages["error"][-1]
     assert not widget.running
 
 

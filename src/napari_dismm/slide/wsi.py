@@ -1,4 +1,5 @@
-"""`open_slide`: pick a pixel backend, gather metadata, expose the lazy pyramid.
+"""`open_slide`: pick a pixel backend, gather metadata, expose the lazy pyramid
+(`levels.LevelArray` per level; `Slide.zarr_pyramid` for a zarr-3 view of the same tiles).
 
 Backend choice: TIFF-family files whose layout tifffile can serve (Aperio SVS, generic
 tiled/stripped TIFF, OME-TIFF, SubIFD pyramids) are read with tifffile from the file's own
@@ -24,7 +25,8 @@ from ..errors import SlideError, UnknownMppError
 from .detect import has_tiff_magic
 from .info import CONTENT_HASH_PREFIX, SlideInfo, check_user_mpp, parse_float, parse_hex_colour, resolve_mpp
 from .sources import OpenSlideSource, TiffSource, UnsupportedLayout, check_level_count, check_plausible
-from .store import SlideStore
+from .levels import LevelArray
+from .tiles import SlideTiles
 
 # Vendors whose TIFF pages tifffile reads exactly like OpenSlide at level 0.
 _TIFFFILE_VENDORS = {None, "aperio", "generic-tiff"}
@@ -33,13 +35,22 @@ _TIFFFILE_VENDORS = {None, "aperio", "generic-tiff"}
 class Slide:
     """An open slide: `info`, the lazy `pyramid` and region reads. Close it (or use `with`)."""
 
-    def __init__(self, *, info: SlideInfo, source, store: SlideStore):
-        import zarr
-
+    def __init__(self, *, info: SlideInfo, source, tiles: SlideTiles):
         self.info = info
         self._source = source
-        self._store = store
-        self.pyramid = [zarr.open_array(store=store, path=str(i), mode="r") for i in range(info.level_count)]
+        self._tiles = tiles
+        #: one lazy read-only array per level (numpy indexing; `levels.LevelArray`)
+        self.pyramid = [LevelArray(tiles, i) for i in range(info.level_count)]
+
+    def zarr_pyramid(self) -> list:
+        """The same levels as zarr-3 arrays over a read-only store (`store.SlideStore`), for
+        tools that want zarr; imports zarr, which napari and the package do not need."""
+        import zarr
+
+        from .store import SlideStore
+
+        store = SlideStore(self._tiles)
+        return [zarr.open_array(store=store, path=str(i), mode="r") for i in range(self.info.level_count)]
 
     # -- context management ---------------------------------------------------------------
     def __enter__(self) -> Slide:
@@ -59,7 +70,7 @@ class Slide:
     def tile_counts(self) -> tuple[int, int]:
         """(unreadable, read) native tiles since the slide was opened: unreadable ones are
         served as background, so callers judge whether what they computed still means much."""
-        return len(self._store.bad_tiles), self._store.tiles_read
+        return len(self._tiles.bad_tiles), self._tiles.tiles_read
 
     # -- metadata helpers -----------------------------------------------------------------
     def require_mpp(self) -> float:
@@ -89,14 +100,7 @@ class Slide:
         self._check_level(level)
         if width < 0 or height < 0:
             raise SlideError(f"region size must be non-negative, got {width}x{height}")
-        out = np.empty((height, width, 3), dtype=np.uint8)
-        out[:] = np.asarray(self.info.background, dtype=np.uint8)
-        lw, lh = self.info.level_dimensions[level]
-        xs, ys = max(x, 0), max(y, 0)
-        xe, ye = min(x + width, lw), min(y + height, lh)
-        if xe > xs and ye > ys:
-            out[ys - y : ye - y, xs - x : xe - x] = self.pyramid[level][ys:ye, xs:xe]
-        return out
+        return self._tiles.read(level, y, y + height, x, x + width)
 
     def read_region_level0(self, *, x: int, y: int, width: int, height: int, level: int) -> np.ndarray:
         """Like OpenSlide's read_region: top-left in level-0 pixels, size in level pixels.
@@ -192,9 +196,9 @@ def open_slide(path: str | os.PathLike, *, mpp: float | None = None, backend: st
         raise
     if osr is not None and not isinstance(source, OpenSlideSource):
         osr.close()
-    store = SlideStore(source, background=info.background, name=p.name)
-    cw, ch = store.chunk_sizes[0]
-    return Slide(info=replace(info, tile_size=(cw, ch)), source=source, store=store)
+    tiles = SlideTiles(source, background=info.background, name=p.name)
+    cw, ch = tiles.chunk_sizes[0]
+    return Slide(info=replace(info, tile_size=(cw, ch)), source=source, tiles=tiles)
 
 
 def _try_openslide(p: Path):

@@ -331,6 +331,9 @@ class InspectWidget(QWidget):
             raise DismmError("the teacher reads the slide: open it in the viewer first")
         genes = teacher_genes(model_dir, expression, patient)
         path = layer.metadata["slide_path"]
+        from napari_dismm.viewer.triton_guard import keep_triton_out_if_llvm_loaded
+
+        keep_triton_out_if_llvm_loaded()  # before the worker imports torch (see the module)
 
         @thread_worker
         def job():

@@ -253,15 +253,20 @@ def patch_points_data(patches: pd.DataFrame, *, mpp: float, units, base: dict) -
 
 
 def tissue_layer_data(prediction: PredictionLike, *, mpp: float, units) -> LayerData | None:
-    """Tissue outlines as polygons in the slide layer's data frame (None when there are none)."""
+    """Tissue outlines as closed paths in the slide layer's data frame (None when there are none).
+
+    Paths, not polygons: only the outline is drawn, and napari triangulates a polygon's face
+    in pure Python even when it is transparent (1.5 s for the CMU slide's 1,209-vertex
+    outline, against 0.01 s as a path)."""
     rings = [np.asarray(ring, dtype=np.float64).reshape(-1, 2) for ring in prediction.tissue_contours or []]
     rings = [r for r in rings if len(r) >= 3]
     if not rings:
         return None
-    polygons = [np.stack([r[:, 1] - 0.5, r[:, 0] - 0.5], axis=1) for r in rings]
+    rings = [r if np.array_equal(r[0], r[-1]) else np.vstack([r, r[:1]]) for r in rings]
+    paths = [np.stack([r[:, 1] - 0.5, r[:, 0] - 0.5], axis=1) for r in rings]
     extent = max(float(np.ptp(np.concatenate(rings), axis=0).max()), 1.0)
-    return (polygons, {
-        "name": "tissue", "shape_type": "polygon", "scale": (mpp, mpp), "units": units,
+    return (paths, {
+        "name": "tissue", "shape_type": "path", "scale": (mpp, mpp), "units": units,
         "face_color": "transparent", "edge_color": "lime", "edge_width": extent / 300, "opacity": 0.7,
         "metadata": {"slide_id": prediction.slide_id, "dismm_kind": "tissue"},
     }, "shapes")

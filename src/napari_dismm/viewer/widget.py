@@ -4,8 +4,12 @@ Why it is built this way:
 - Inference runs in a `thread_worker`; the worker also builds the layer-data tuples (pure
   numpy), so the main thread only adds finished layers and the viewer stays responsive.
 - Progress is reported by `predict_slide` from the worker thread into a plain attribute;
-  a 100 ms QTimer in the main thread copies it into a napari progress bar (Qt objects are
-  touched from the main thread only).
+  a 100 ms QTimer in the main thread copies it into the widget's own progress bar when the
+  shown percent or stage changes (Qt objects are touched from the main thread only). Not
+  napari's `progress`: its activity indicator animates, and a window holding an OpenGL
+  canvas composites the whole window through OpenGL at every repaint (in software under
+  Xvfb, VMs and remote desktops): 1,000-2,000 repaints per CMU run took a core from the
+  encoder and made the prediction 1.3-2x slower than the same call in the CLI.
 - Cancel sets an event that the encoder polls before each of its layers, so a run stops
   within a second while batches stay as large as the CLI's (same throughput); a second Run
   while one is going is refused with a message.
@@ -25,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSlider, Label, PushButton
+from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSlider, Label, ProgressBar, PushButton
 from napari.layers import Image, Layer, Shapes
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QTimer
@@ -226,6 +230,7 @@ class PredictionWidget(Container):
         self.run_button = PushButton(text="Run")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.status = Label(value="")
+        self.progress_bar = ProgressBar(value=0, min=0, max=100, visible=False)
         self.magnification = ComboBox(label="magnification", choices=list(MAGNIFICATION_CHOICES), value="finest")
         self.normalisation = ComboBox(label="normalise", choices=list(NORMALISATIONS), value="percentile")
         self.smoothing = FloatSlider(label="smoothing", min=0.0, max=5.0, step=0.25, value=0.0)
@@ -236,20 +241,24 @@ class PredictionWidget(Container):
         self.open_button = PushButton(text="Open bundle…")
         self.export_button = PushButton(text="Export bundle…")
         self.png_button = PushButton(text="Save view as PNG…")
+        self.export_status = Label(value="")
         self.extend([
             self.slide, self.region, self.model_dir, self.demo, self.device, self.overlap, self.overlap_bag,
-            self.run_button, self.cancel_button, self.status,
+            self.run_button, self.cancel_button, self.status, self.progress_bar,
             self.magnification, self.normalisation, self.smoothing, self.opacity,
-            self.tumor_colormap, self.tme_colormap, self.fade, self.open_button, self.export_button, self.png_button,
+            self.tumor_colormap, self.tme_colormap, self.fade, self.open_button, self.export_button,
+            self.export_status, self.png_button,
         ])
         self.panel = PredictionPanel()
         self.native.layout().addWidget(self.panel)
 
         self.prediction = None
         self._worker = None
+        self._export_worker = None
+        self.last_export: Path | None = None
         self._cancel = threading.Event()
         self._progress_state: tuple[str, float] = ("starting", 0.0)
-        self._progress_bar = None
+        self._progress_shown: tuple[str, int] | None = None
         self._cancelled_at: float | None = None
         self._timer = QTimer()
         self._timer.setInterval(100)
@@ -322,6 +331,9 @@ class PredictionWidget(Container):
             if not region:
                 show_error(f"the region layer {self.region.value.name!r} has no rectangle or polygon: draw one")
                 return False
+        from napari_dismm.viewer.triton_guard import keep_triton_out_if_llvm_loaded
+
+        keep_triton_out_if_llvm_loaded()  # before the worker imports torch (see the module)
         self._cancel = threading.Event()
         self._progress_state = ("starting", 0.0)
         self._worker = self._make_worker(region=region,
@@ -329,9 +341,9 @@ class PredictionWidget(Container):
             overlap=float(self.overlap.value), bag="overlap" if self.overlap_bag.value else "grid",
             magnification=self._magnification(), **self._display(),
         )
-        from napari.utils import progress
-
-        self._progress_bar = progress(total=100, desc="DisMM prediction")
+        self._progress_shown = None
+        self.progress_bar.value = 0
+        self.progress_bar.visible = True
         self.run_button.enabled = False
         self.cancel_button.enabled = True
         self.status.value = "running…"
@@ -363,9 +375,7 @@ class PredictionWidget(Container):
                 if region is not None:
                     from napari_dismm.region import predict_region
 
-                    if overlap > 0:
-                        notes.append("a region prediction uses the patch grid; the map overlap is not applied")
-                    prediction = predict_region(**common, region=region)
+                    prediction = predict_region(**common, region=region, overlap=overlap, bag=bag)
                 elif overlap > 0:
                     from napari_dismm.fine_maps import predict_slide_fine
 
@@ -400,13 +410,12 @@ class PredictionWidget(Container):
         overall = {"features": 0.0, "encode": 0.9 * fraction, "model": 0.9 + 0.1 * fraction}.get(stage, 0.0)
         if stage == "features" and fraction >= 1.0:
             overall = 0.9
-        bar = self._progress_bar
-        if bar is not None:
-            bar.n = int(round(100 * overall))
-            bar.set_description(f"DisMM: {stage}")
-            bar.refresh()
-        if self.running and not self._cancel.is_set():
-            self.status.value = f"{stage} {100 * overall:.0f} %"
+        shown = (stage, int(round(100 * overall)))
+        if shown == self._progress_shown or not self.running or self._cancel.is_set():
+            return  # every repaint composites the whole window (see the module docstring)
+        self._progress_shown = shown
+        self.progress_bar.value = shown[1]
+        self.status.value = f"{stage} {shown[1]} %"
 
     def _on_returned(self, result) -> None:
         self._timer.stop()  # no late progress tick may overwrite the outcome
@@ -438,9 +447,7 @@ class PredictionWidget(Container):
 
     def _on_finished(self) -> None:
         self._timer.stop()
-        if self._progress_bar is not None:
-            self._progress_bar.close()
-            self._progress_bar = None
+        self.progress_bar.visible = False
         self._worker = None
         self.run_button.enabled = True
         self.cancel_button.enabled = False
@@ -506,20 +513,68 @@ class PredictionWidget(Container):
             show_error(str(error))
             return []
 
-    def export_bundle(self, path: str | Path) -> Path | None:
-        """Write the shown prediction as a bundle (prediction.json, patches.csv, attention.geojson)."""
+    @property
+    def exporting(self) -> bool:
+        return self._export_worker is not None
+
+    def export_bundle(self, path: str | Path) -> bool:
+        """Write the shown prediction as a bundle (prediction.json, patches.csv, GeoJSON, the
+        pyramidal overlay TIFFs) in a worker thread: the TIFFs of a large slide take tens of
+        seconds, which on the GUI thread froze the viewer. A line under the buttons counts the
+        seconds once a second (no animated bar: see the module docstring). False (with a
+        message) when refused; the written directory lands in ``last_export``."""
         if self.prediction is None:
             show_error("nothing to export: run a prediction or open a bundle first")
-            return None
+            return False
+        if self.exporting:
+            show_warning("an export is already running: wait for it")
+            return False
+        from napari.qt.threading import thread_worker
+
         from napari_dismm.bundle import write_bundle
 
-        try:
-            out = write_bundle(self.prediction, path)
-        except (DismmError, OSError) as error:
-            show_error(f"export failed: {error}")
-            return None
-        show_info(f"prediction written to {out}")
-        return out
+        prediction, target = self.prediction, Path(path)
+
+        def job():
+            try:
+                return "done", write_bundle(prediction, target)
+            except (DismmError, OSError) as error:
+                return "failed", str(error)
+
+        started = time.perf_counter()
+
+        def tick() -> None:
+            self.export_status.value = f"writing the bundle to {target.name} … {time.perf_counter() - started:.0f} s"
+
+        ticker = QTimer()
+        ticker.setInterval(1000)
+        ticker.timeout.connect(tick)
+
+        def returned(result) -> None:
+            outcome, payload = result
+            if outcome == "done":
+                self.last_export = payload
+                self.export_status.value = f"bundle written in {time.perf_counter() - started:.1f} s: {payload.name}"
+                show_info(f"prediction written to {payload}")
+            else:
+                self.export_status.value = "export failed"
+                show_error(f"export failed: {payload}")
+
+        def finished() -> None:
+            ticker.stop()
+            self._export_worker = None
+            self.export_button.enabled = True
+
+        self.last_export = None
+        self.export_button.enabled = False
+        self._export_worker = thread_worker(job, start_thread=False, connect={
+            "returned": returned, "errored": lambda error: show_error(f"export failed: {error}"),
+            "finished": finished,
+        })()
+        tick()
+        ticker.start()
+        self._export_worker.start()
+        return True
 
     def save_png(self, path: str | Path) -> Path | None:
         """A PNG of the current view (canvas only, as on screen)."""
