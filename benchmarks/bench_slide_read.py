@@ -1,7 +1,7 @@
-"""Chunk read speed: our zarr pyramid vs raw OpenSlide (and napari-wsi when importable).
+"""Chunk read speed: our lazy pyramid (the level arrays napari reads) vs raw OpenSlide (and napari-wsi when importable).
 
 For each slide and level, the same chunk-aligned regions (our chunk grid, as napari asks
-for them) are read through (a) our zarr array ``arr[y:y+ch, x:x+cw]``, (b) OpenSlide's
+for them) are read through (a) our level array ``arr[y:y+ch, x:x+cw]`` (slide/levels.py), (b) OpenSlide's
 ``read_region`` of the same region, (c) napari-wsi's zarr array over OpenSlide (if found:
 install it into a throwaway directory and pass ``--napari-wsi DIR``). Each round opens
 fresh handles (no warm caches), readers interleaved; the median round is reported.
@@ -74,7 +74,7 @@ def bench(path: Path, label: str, levels, *, n: int, rounds: int, napari_wsi: bo
         plan = [(lv, _regions(slide, lv, n, seed=lv)) for lv in levels if lv < info.level_count]
     print(f"\n{label}: {info.dimensions[0]}x{info.dimensions[1]}, {info.level_count} levels, chunks {info.tile_size}")
     for level, regions in plan:
-        readers = {"ours (zarr)": _time_ours, "openslide": _time_openslide}
+        readers = {"ours": _time_ours, "openslide": _time_openslide}
         if napari_wsi:
             readers["napari-wsi"] = _time_napari_wsi
         times: dict[str, list[float]] = {k: [] for k in readers}

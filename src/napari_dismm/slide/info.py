@@ -41,7 +41,7 @@ class SlideInfo:
     mpp_source: str
     objective_power: float | None
     background: tuple[int, int, int]
-    tile_size: tuple[int, int]  # zarr chunk (width, height) at level 0
+    tile_size: tuple[int, int]  # chunk of the level arrays (width, height) at level 0
     mpp_x: float | None = None
     mpp_y: float | None = None
 
