@@ -32,56 +32,21 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
+from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from bench_student import PeakRSS  # noqa: E402  (the shared benchmark helpers)
+from tests.model.model_helpers import tissue_modes  # noqa: E402  (the modes the ITA tests plant)
 
 RULES = {
     "old": {"candidates": "densest", "n_anchors": 1024, "n_candidates": 1024, "membership_scale": "spread",
             "temperature": 2.0},
     "new": {"candidates": "anchors", "n_anchors": 2048, "membership_scale": "spread", "temperature": 2.0},
 }
-
-
-class PeakRSS:
-    """Poll this process's RSS in a thread; ``peak`` is the largest value seen."""
-
-    def __init__(self, interval: float = 0.002) -> None:
-        import psutil
-
-        self.proc = psutil.Process()
-        self.interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(self.interval)
-
-    def __enter__(self) -> "PeakRSS":
-        self.start = self.peak = self.proc.memory_info().rss
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-def tissue_modes(n: int, *, d: int = 128, gap: float = 24.0, seed: int = 0):
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    n_a, n_b = int(0.45 * n), int(0.35 * n)
-    direction = torch.randn(d, generator=gen)
-    direction = direction / direction.norm() * gap / 2
-    parts = [torch.randn(n_a, d, generator=gen) + direction, 1.1 * torch.randn(n_b, d, generator=gen) - direction,
-             2.0 * torch.randn(n - n_a - n_b, d, generator=gen)]
-    labels = torch.cat([torch.full((len(p),), i) for i, p in enumerate(parts)])
-    order = torch.randperm(n, generator=gen)
-    return torch.cat(parts)[order], labels[order]
 
 
 def one_run(rule: str, n: int, repeats: int) -> dict:

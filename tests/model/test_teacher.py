@@ -229,6 +229,22 @@ def test_spatial_context_changes_the_maps_needs_coords_and_is_off_for_old_teache
         build("teacher", spatial_context=1.5)
 
 
+def fit_on_uniform_bags(model: Teacher, batch: dict) -> tuple[dict, dict, torch.Tensor]:
+    """Every bag one repeated patch (pooled slide features cannot differ between samples),
+    labels 0-2 by position; 150 Adam steps. Returns (bags, masks, target)."""
+    bags = {m: b[:1, :1].expand_as(b).clone() for m, b in batch["bags"].items()}
+    masks = {m: torch.ones(b.shape[:2], dtype=torch.bool) for m, b in bags.items()}
+    target = torch.arange(len(next(iter(bags.values())))) % 3
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        out = model(bags, masks=masks, genes=batch["genes"])
+        loss = sum(task_loss(l, target, task="classification") for l in out.per_magnification_logits.values())
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    return bags, masks, target
+
+
 @pytest.mark.parametrize("gene_residual", [True, False])
 def test_the_prediction_reads_the_expression_only_with_the_gene_residual(gene_residual):
     """Every bag the same (one repeated patch): pooled slide features cannot differ between
@@ -237,16 +253,7 @@ def test_the_prediction_reads_the_expression_only_with_the_gene_residual(gene_re
     torch.manual_seed(0)
     model = build("teacher", gene_residual=gene_residual, spatial_context=0.0).train()
     batch = make_batch([6] * 8, [9] * 8, d_in=D_IN, n_tumor=N_T, n_tme=N_E, seed=1)
-    bags = {m: b[:1, :1].expand_as(b).clone() for m, b in batch["bags"].items()}
-    masks = {m: torch.ones(b.shape[:2], dtype=torch.bool) for m, b in bags.items()}
-    target = torch.arange(8) % 3
-    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(150):
-        out = model(bags, masks=masks, genes=batch["genes"])
-        loss = sum(task_loss(l, target, task="classification") for l in out.per_magnification_logits.values())
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
+    bags, masks, target = fit_on_uniform_bags(model, batch)
     with torch.no_grad():
         final = float(task_loss(model(bags, masks=masks, genes=batch["genes"]).logits, target, task="classification"))
     assert (final < 0.05) if gene_residual else (final > 0.5), final
@@ -281,16 +288,7 @@ def test_gene_gates_start_closed_and_open_by_training():
         b = model(batch["bags"], masks=batch["masks"], genes=shuffled).logits
         model.train()
     torch.testing.assert_close(a, b)
-    bags = {m: x[:1, :1].expand_as(x).clone() for m, x in batch["bags"].items()}
-    masks = {m: torch.ones(x.shape[:2], dtype=torch.bool) for m, x in bags.items()}
-    target = torch.arange(8) % 3
-    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(150):
-        out = model(bags, masks=masks, genes=batch["genes"])
-        loss = sum(task_loss(l, target, task="classification") for l in out.per_magnification_logits.values())
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
+    bags, masks, target = fit_on_uniform_bags(model, batch)
     assert min(abs(float(model.gene_gates[f"residual_{u}"])) for u in ("tumor", "tme")) > 0.02
     with torch.no_grad():
         assert float(task_loss(model(bags, masks=masks, genes=batch["genes"]).logits, target,
