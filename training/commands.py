@@ -151,7 +151,10 @@ def _synth(args: argparse.Namespace) -> int:
         config = regime_config(args.regime, task=args.task, n_patients=args.patients, seed=args.seed,
                                feature_dim=args.feature_dim, **overrides)
     except ValueError as error:
-        raise DataError(f"dismm synth: {error}") from error
+        message = str(error)
+        for key in ("patch_signal", "gene_signal", "region_fraction", "patches_20x", "scanner_mix", "feature_dim"):
+            message = message.replace(key, "--" + key.replace("_", "-"))
+        raise DataError(f"dismm synth: {message}") from error
     files = write_synthetic_cohort(
         args.out, config=config,
         n_tumor_genes=args.tumor_genes, n_tme_genes=args.tme_genes, keep_features=False,

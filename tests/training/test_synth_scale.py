@@ -159,9 +159,9 @@ def _exit_code(argv: list[str]) -> int:
 
 
 @pytest.mark.parametrize(("flag", "value", "named"), [
-    ("--patches-20x", "10", "patches_20x"), ("--patches-20x", "abc", "--patches-20x"),
-    ("--scanner-mix", "1.5", "scanner_mix"), ("--scanner-mix", "nan", "scanner_mix"),
-    ("--feature-dim", "2", "feature_dim"), ("--patch-signal", "-1", "patch_signal"),
+    ("--patches-20x", "10", "--patches-20x"), ("--patches-20x", "abc", "--patches-20x"),
+    ("--scanner-mix", "1.5", "--scanner-mix"), ("--scanner-mix", "nan", "--scanner-mix"),
+    ("--feature-dim", "2", "--feature-dim"), ("--patch-signal", "-1", "--patch-signal"),
 ])
 def test_bad_values_exit_2_with_one_line_and_write_nothing(tmp_path, capsys, flag, value, named):
     out = tmp_path / "c"
