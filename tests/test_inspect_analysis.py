@@ -116,7 +116,8 @@ def test_teacher_student_agreement_matches_patches_by_position():
 def _teacher(split: bool):
     torch.manual_seed(0)
     return build_model({"kind": "teacher", "task": "classification", "n_outputs": 3, "d_in": 12, "d": 16,
-                        "n_tumor_genes": 5, "n_tme_genes": 7, "dropout": 0.0, "subspace_split": split}).eval()
+                        "n_tumor_genes": 5, "n_tme_genes": 7, "dropout": 0.0, "subspace_split": split,
+                        "gene_gate": False}).eval()  # ungated: a fresh gated teacher ignores its genes
 
 
 def _inputs(batch: int = 3):

@@ -140,7 +140,7 @@ def predict_region(
             else:
                 features = encode_grid(slide, sub, watched, batch_size=batch_size)
             files[px][label] = write_features(Path(tmp) / f"{label}-{px}.h5", FeatureFile(
-                features=features, coords=sub.coords, patch_size=sub.patch_size,
+                features=features, coords=sub.coords, patch_size=sub.patch_size, overlap=px,
                 patch_size_level0=sub.patch_size_level0, target_magnification=mag, level0_magnification=10.0 / mpp0,
                 name=slide_path.stem, level0_width=int(info.dimensions[0]), level0_height=int(info.dimensions[1]),
                 mpp=mpp0, encoder=enc.name, encoder_weights_hash=enc.weights_hash, slide_id=info.slide_id,
