@@ -116,7 +116,7 @@ def bench_layers(viewer, prediction: Prediction | None, *, magnification: str | 
     from qtpy.QtWidgets import QApplication
 
     from napari_dismm.viewer.prediction_layers import prediction_layer_data
-    from napari_dismm.viewer.widget import add_layer_tuples, prediction_layers_in
+    from napari_dismm.viewer.layer_display import add_layer_tuples, prediction_layers_in
 
     if shown is not None:
         add_layer_tuples(viewer, prediction_layer_data(shown[0], magnification=shown[1]), prediction=shown[0])

@@ -172,7 +172,7 @@ def headless_screenshot(slide: Slide, *, out_dir: Path, prediction=None) -> Path
         try:
             add_slide(viewer, slide)
             if prediction is not None:
-                from napari_dismm.viewer.widget import add_prediction_layers
+                from napari_dismm.viewer.layer_display import add_prediction_layers
 
                 add_prediction_layers(viewer, prediction)
                 viewer.reset_view()
