@@ -84,3 +84,36 @@ def test_reads_in_a_forked_child(stripped):
 def _child_sum(path: str) -> int:
     with open_slide(path) as slide:
         return int(np.asarray(slide.pyramid[0]).sum(dtype=np.int64))
+
+
+@pytest.mark.parametrize("key", KEYS, ids=[str(k) for k in KEYS])
+def test_kept_overview_serves_the_same_pixels(stripped, key):
+    """`Slide.keep_overview` (decoded once on a thread for napari's start) changes no pixel."""
+    path, img = stripped
+    with open_slide(path) as slide:
+        assert slide.keep_overview()
+        level = slide.pyramid[-1]
+        np.testing.assert_array_equal(level[key], img[key])  # waits for the decode
+        tiles_before = slide.tile_counts()[1]
+        np.testing.assert_array_equal(slide.read_level(level=0, x=-20, y=1290, width=60, height=30),
+                                      _with_background(img, slide, x=-20, y=1290, width=60, height=30))
+        assert slide.tile_counts()[1] == tiles_before  # served from memory, no tile decoded again
+
+
+def _with_background(img, slide, *, x, y, width, height):
+    out = np.empty((height, width, 3), np.uint8)
+    out[:] = slide._tiles.background
+    ys, xs = max(y, 0), max(x, 0)
+    ye, xe = min(y + height, img.shape[0]), min(x + width, img.shape[1])
+    out[ys - y : ye - y, xs - x : xe - x] = img[ys:ye, xs:xe]
+    return out
+
+
+def test_large_levels_are_not_kept(stripped, monkeypatch):
+    from napari_dismm.slide import tiles
+
+    monkeypatch.setattr(tiles, "KEEP_WHOLE_BYTES", 1000)
+    path, img = stripped
+    with open_slide(path) as slide:
+        assert not slide.keep_overview()
+        np.testing.assert_array_equal(slide.pyramid[0][:50, :60], img[:50, :60])

@@ -76,3 +76,37 @@ def test_torch_imports_after_the_canvas_is_up():
     if "llvm True" not in result.stdout:
         pytest.skip("no libLLVM in this process (hardware OpenGL): nothing to guard against")
     assert "guarded True" in result.stdout
+
+
+_AFTER_FIRST_FRAME_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, time
+    import napari
+    from napari.qt import get_qapp
+    from qtpy.QtCore import QTimer
+    from napari_dismm.slide import open_slide
+    from napari_dismm.viewer.app import show_slide
+    get_qapp()
+    started = time.time()
+    def poll():
+        viewer = napari.current_viewer()
+        docked = viewer is not None and "DisMM prediction" in viewer.window._dock_widgets
+        if docked or time.time() - started > 120:
+            print("SEEN " + json.dumps({"docked": docked, "scale_bar": bool(viewer and viewer.scale_bar.visible)}))
+            if viewer is not None:
+                viewer.close()
+            return
+        QTimer.singleShot(100, poll)
+    QTimer.singleShot(100, poll)
+    show_slide(open_slide(sys.argv[1]))
+    """
+)
+
+
+def test_scale_bar_and_widget_arrive_after_the_first_frame(cmu_slide_path):
+    """`dismm view` draws the slide first; the scale bar and the docked widget follow."""
+    result = subprocess.run([sys.executable, "-c", _AFTER_FIRST_FRAME_SCRIPT, str(cmu_slide_path)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("SEEN "))
+    assert json.loads(line[5:]) == {"docked": True, "scale_bar": True}

@@ -141,6 +141,7 @@ def _view(args: argparse.Namespace) -> int:
 
     # Validate headless first, so bad input fails before a window opens.
     slide = open_slide(args.slide, mpp=args.mpp)
+    slide.keep_overview()  # decoded on a thread while napari starts
     if args.bundle is not None:
         from napari_dismm.bundle import check_bundle_matches_slide, read_bundle
 

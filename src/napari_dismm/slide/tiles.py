@@ -16,7 +16,7 @@ import os
 import threading
 import warnings
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
@@ -25,6 +25,8 @@ from .sources import LevelGeometry
 
 CHUNK_MIN, CHUNK_MAX = 512, 1024
 _CACHE_BYTES = 64 * 2**20
+#: a level up to this size can be kept whole in memory (`SlideTiles.keep_whole`)
+KEEP_WHOLE_BYTES = 64 * 2**20
 #: a region covering at least this many native tiles is decoded on the thread pool
 _PARALLEL_FROM = 4
 
@@ -106,6 +108,32 @@ class SlideTiles:
         self._warn_lock = threading.Lock()
         self.bad_tiles: list[tuple[int, int, int]] = []
         self.tiles_read = 0  # native tiles decoded (or tried), bad ones included
+        self._whole: dict[int, Future] = {}  # level -> its pixels, decoded once (keep_whole)
+        self._pid = os.getpid()
+
+    def keep_whole(self, level: int) -> bool:
+        """Decode ``level`` once, on a background thread, and serve every later read of it
+        from memory. Why: napari reads the overview level twice before its first frame (the
+        layer thumbnail and, for a single-level slide, the view itself); started before the
+        viewer is built, the decode overlaps napari's own start. Only levels of at most
+        `KEEP_WHOLE_BYTES`; returns whether the level is (being) kept."""
+        g = self.levels[level]
+        if g.width * g.height * 3 > KEEP_WHOLE_BYTES:
+            return False
+        if level not in self._whole:
+            self._pid = os.getpid()
+            # its own thread, not the decode pool: the read below waits on pool work itself
+            kept: Future = Future()
+            self._whole[level] = kept
+
+            def decode() -> None:
+                try:
+                    kept.set_result(self._read_tiles(level, 0, g.height, 0, g.width))
+                except BaseException as exc:  # noqa: BLE001 - handed to the reader, raised there
+                    kept.set_exception(exc)
+
+            threading.Thread(target=decode, name="dismm-keep-level", daemon=True).start()
+        return True
 
     def _tile(self, level: int, tx: int, ty: int, *, cache: bool) -> np.ndarray | None:
         key = (level, tx, ty)
@@ -139,6 +167,21 @@ class SlideTiles:
     def read(self, level: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         """(y1 - y0, x1 - x0, 3) uint8 of level pixels [y0, y1) x [x0, x1); any part outside
         the image is background."""
+        kept = self._whole.get(level)
+        if kept is None or (not kept.done() and os.getpid() != self._pid):  # a forked child lacks the thread
+            return self._read_tiles(level, y0, y1, x0, x1)
+        whole = kept.result()
+        g = self.levels[level]
+        if 0 <= y0 <= y1 <= g.height and 0 <= x0 <= x1 <= g.width:
+            return whole[y0:y1, x0:x1].copy()  # inside the image: one copy, no background fill
+        out = np.empty((max(0, y1 - y0), max(0, x1 - x0), 3), dtype=np.uint8)
+        out[:] = self.background
+        ys, ye, xs, xe = max(y0, 0), min(y1, g.height), max(x0, 0), min(x1, g.width)
+        if ye > ys and xe > xs:
+            out[ys - y0 : ye - y0, xs - x0 : xe - x0] = whole[ys:ye, xs:xe]
+        return out
+
+    def _read_tiles(self, level: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         g = self.levels[level]
         out = np.empty((max(0, y1 - y0), max(0, x1 - x0), 3), dtype=np.uint8)
         out[:] = self.background

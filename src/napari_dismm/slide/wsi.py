@@ -52,6 +52,12 @@ class Slide:
         store = SlideStore(self._tiles)
         return [zarr.open_array(store=store, path=str(i), mode="r") for i in range(self.info.level_count)]
 
+    def keep_overview(self) -> bool:
+        """Start decoding the smallest level into memory on a background thread (if it is at
+        most `tiles.KEEP_WHOLE_BYTES`); napari's thumbnail and first view read it from there.
+        Call it early (before building a viewer) so the decode overlaps other start-up work."""
+        return self._tiles.keep_whole(self.info.level_count - 1)
+
     # -- context management ---------------------------------------------------------------
     def __enter__(self) -> Slide:
         return self

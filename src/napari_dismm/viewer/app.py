@@ -67,11 +67,13 @@ def virtual_display(size: tuple[int, int] = (1280, 960)) -> Iterator[None]:
         display.stop()
 
 
-def new_viewer(*, show: bool = True, title: str = "napari-dismm"):
+def new_viewer(*, show: bool = True, title: str = "napari-dismm", scale_bar: bool = True):
+    """``scale_bar=False`` leaves it to the caller (`show_slide` turns it on after the first
+    frame: rendering its text the first time costs ~0.05-0.08 s of the window's start)."""
     import napari
 
     viewer = napari.Viewer(title=title, show=show)
-    viewer.scale_bar.visible = True
+    viewer.scale_bar.visible = scale_bar
     return viewer
 
 
@@ -109,12 +111,14 @@ def show_slide(slide: Slide, *, bundle: Path | None = None, prediction=None,
     event loop until it is closed."""
     import napari
 
-    viewer = new_viewer(show=True)
+    viewer = new_viewer(show=True, scale_bar=False)
     add_slide(viewer, slide)
+    # the slide's first frame comes first; the scale bar (its text's first render) right after
+    after_first_frame(viewer, lambda: setattr(viewer.scale_bar, "visible", True))
     if bundle is None and prediction is None:
-        # nothing for the widget to show yet: the slide's first frame comes first, the dock
-        # right after it (importing the widget, with pandas and matplotlib's Qt canvas, took
-        # ~1.3-1.7 s, the whole gap between `dismm view` and napari's own first frame)
+        # nothing for the widget to show yet: the dock comes after the first frame too
+        # (importing the widget, with pandas and matplotlib's Qt canvas, took ~1.3-1.7 s,
+        # the whole gap between `dismm view` and napari's own first frame)
         after_first_frame(viewer, lambda: _dock_if_open(viewer))
     else:
         widget = dock_prediction_widget(viewer)

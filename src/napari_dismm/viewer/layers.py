@@ -32,6 +32,7 @@ def slide_layer_data(slide: Slide, *, name: str | None = None) -> LayerData:
         "slide_path": str(info.path),
         "slide_id": info.slide_id,
     }
+    slide.keep_overview()  # napari reads the smallest level twice (thumbnail, first view)
     if info.mpp is None:
         metadata["warning"] = "microns per pixel unknown: the layer is in pixels"
     kwargs = {
