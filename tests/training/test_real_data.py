@@ -22,10 +22,11 @@ def test_gene_sets_follow_the_documented_rule():
 
 
 def test_genes_only_c_index_next_to_coxph():
-    """The gene path (an ensemble of five SNN + fusion-head members, training/genes_only.py)
-    against CoxPH on the same folds. Its settings were chosen on split seeds 1 and 2 (0.666 /
-    0.684 vs CoxPH 0.650 / 0.643); on this split (seed 0, used for no choice) it measured
-    0.657 ± 0.069 vs 0.659 ± 0.101 (one member, as before: 0.635 ± 0.067)."""
+    """The gene path (five cross-fitted SNN + fusion-head members, training/genes_only.py)
+    against CoxPH on the same folds. Its settings were chosen on split seeds 1 and 2 (0.689 /
+    0.687 vs CoxPH 0.650 / 0.643); on this split (seed 0, used for no choice) it measured
+    0.680 ± 0.061 vs 0.659 ± 0.101 (five members on one validation part: 0.657 ± 0.069; one
+    member: 0.635 ± 0.067)."""
     cohort = breast_cancer_cohort()
     folds = compare_on_folds(cohort, real_split(cohort, n_folds=5, seed=0))
     ours = np.array([f["genes_only"] for f in folds])
@@ -33,4 +34,4 @@ def test_genes_only_c_index_next_to_coxph():
     print(f"\nheld-out C-index over 5 folds: genes-only SNN {ours.mean():.3f} ± {ours.std(ddof=1):.3f}, "
           f"CoxPH (penalizer 0.1) {cox.mean():.3f} ± {cox.std(ddof=1):.3f}")
     assert ours.mean() > 0.58  # above chance on held-out patients
-    assert ours.mean() >= cox.mean() - 0.01  # at the classical model's level on the same folds
+    assert ours.mean() >= cox.mean()  # at or above the classical model on the same folds

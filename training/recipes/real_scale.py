@@ -37,9 +37,10 @@ def write_cohort(out: Path, *, n_patients: int, patches_20x: int, seed: int, spr
                                   n_tme_genes=16)
 
 
-def bundle_map_auroc(files: CohortFiles, run: Path, model: str) -> dict[str, list[float]]:
-    """Per held-out slide and magnification, the AUROC of the tumor (TME) attention of the
-    bundle `dismm predict` writes for the planted tumor (TME) patches."""
+def bundle_map_auroc(files: CohortFiles, run: Path, model: str, folds=None) -> dict[str, list[float]]:
+    """Per held-out slide (of ``folds``, default every fold) and magnification, the AUROC of
+    the tumor (TME) attention of the bundle `dismm predict` writes for the planted tumor (TME)
+    patches."""
     from sklearn.metrics import roc_auc_score
 
     from napari_dismm.cli import main as dismm
@@ -49,6 +50,8 @@ def bundle_map_auroc(files: CohortFiles, run: Path, model: str) -> dict[str, lis
     split = json.loads((run / "split.json").read_text())
     aurocs: dict[str, list[float]] = {"tumor": [], "tme": []}
     for k, fold in enumerate(split["folds"]):
+        if folds is not None and k not in folds:
+            continue
         for row in cohort[cohort.patient_id.isin(fold["test"])].itertuples():
             bundle = run / "bundles" / model / row.slide_id
             code = dismm(["predict", str(files.csv.parent / row.features_10x), str(files.csv.parent / row.features_20x),
@@ -69,19 +72,20 @@ def bundle_map_auroc(files: CohortFiles, run: Path, model: str) -> dict[str, lis
 
 
 def run(out: Path, *, n_patients: int, patches_20x: int, seed: int, config: dict,
-        models: tuple[str, ...] = ("teacher", "student")) -> dict[str, dict[str, float]]:
+        models: tuple[str, ...] = ("teacher", "student"), folds=None) -> dict[str, dict[str, float]]:
+    """Write the cohort, train ``models`` on ``folds`` (default every fold), score them."""
     files = write_cohort(out / "cohort", n_patients=n_patients, patches_20x=patches_20x, seed=seed)
     summary = run_training(cohort_csv=files.csv, expression=files.expression, gene_sets=files.gmt,
                            task="classification", out=out / "run", config=config_from_dict(config),
-                           models=list(models), log=None)
+                           models=list(models), folds=folds, log=None)
     rows = {}
     for name in models:
         row = {"auc": summary[name]["auc"]["mean"], "auc_sd": summary[name]["auc"]["sd"],
                "accuracy": summary[name]["accuracy"]["mean"]}
         if name == "student":
-            maps = {u: float(np.mean(v)) for u, v in bundle_map_auroc(files, out / "run", name).items()}
+            maps = {u: float(np.mean(v)) for u, v in bundle_map_auroc(files, out / "run", name, folds).items()}
         else:
-            maps = held_out_map_auroc(files, out / "run", name, "classification")
+            maps = held_out_map_auroc(files, out / "run", name, "classification", folds)
         row.update({f"map_{u}": v for u, v in maps.items()})
         rows[name] = row
     return rows
@@ -95,9 +99,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=14)
     parser.add_argument("--models", nargs="+", default=["teacher", "student"])
     parser.add_argument("--config", type=str, default="{}", help="training config as JSON (sections as in TOML)")
+    parser.add_argument("--folds", type=int, nargs="+", default=None, help="train and score only these folds")
     args = parser.parse_args(argv)
     rows = run(args.out, n_patients=args.patients, patches_20x=args.patches_20x, seed=args.seed,
-               config=json.loads(args.config), models=tuple(args.models))
+               config=json.loads(args.config), models=tuple(args.models), folds=args.folds)
     table = pd.DataFrame(rows).T
     table.to_csv(args.out / "real_scale.csv")
     print(table.round(3).to_string())

@@ -32,13 +32,16 @@ MAP_MODELS = ("teacher", "student", "teacher_no_dev", "teacher_no_cgc", "teacher
               "teacher_dev")
 
 
-def held_out_map_auroc(files, run: Path, model_name: str, task: str) -> dict[str, float]:
-    """Held-out AUROC of the model's tumor map on tumor patches and TME map on TME patches."""
+def held_out_map_auroc(files, run: Path, model_name: str, task: str, folds=None) -> dict[str, float]:
+    """Held-out AUROC of the model's tumor map on tumor patches and TME map on TME patches
+    (over the test patients of ``folds``, default every fold)."""
     cohort = load_cohort(cohort_csv=files.csv, expression=files.expression, gene_sets=files.gmt, task=task)
     split = Split.load(run / "split.json")
     regions = pd.read_csv(files.regions)
     maps, truth = [], []
     for k, fold in enumerate(split.folds):
+        if folds is not None and k not in folds:
+            continue
         model, doc = load_model(run / model_name / f"fold_{k}" / "best")
         norm = ExpressionNormaliser.from_dict(doc["normaliser"]) if doc.get("normaliser") else None
         pred = predict(model, SlideDataset(cohort=cohort, patients=fold.test, normaliser=norm), attention=True)
