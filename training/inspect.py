@@ -176,9 +176,12 @@ def inspect_run(
                 for key in ("cka", "cosine"):
                     sims.setdefault(mag, {}).setdefault(key, []).append(sim[key])
             if {"10x", "20x"} <= set(outputs.coords[0]):
-                size10 = float(doc.get("patch_size_10x_level0") or doc["model"].get("patch_size_10x_level0", 448.0))
-                for coords, attention in zip(outputs.coords, outputs.attention):
-                    per_slide = slide_consistency(coords, attention, patch_size_10x_level0=size10)
+                fallback = float(doc.get("patch_size_10x_level0") or doc["model"].get("patch_size_10x_level0", 448.0))
+                for slide_id, coords, attention in zip(outputs.slide_ids, outputs.coords, outputs.attention):
+                    # each slide's own footprints (a cohort mixes scanners); the model's only if unknown
+                    own = _footprints(dataset, slide_id)
+                    per_slide = slide_consistency(coords, attention, patch_size_10x_level0=own.get("10x") or fallback,
+                                                  patch_size_20x_level0=own.get("20x"))
                     for u, stats in per_slide.items():
                         cons[u].append(stats["spearman"])
                         cons_cos[u].append(stats["cosine"])
@@ -254,6 +257,12 @@ def _labels(cohort: Cohort, outputs: FoldOutputs) -> list[Any]:
     return [by_slide[s].time for s in outputs.slide_ids]
 
 
+def _footprints(dataset: SlideDataset, slide_id: str) -> dict[str, float | None]:
+    """The slide's patch side in level-0 px per magnification (its feature files', issue 14)."""
+    record = next(r for r in dataset.slides if r.slide_id == slide_id)
+    return {mag: dataset.cache.footprint(path) for mag, path in record.features.items()}
+
+
 def _fold_attribution(model, dataset: SlideDataset, *, task: str, steps: int,
                       batch_size: int = 8) -> dict[str, dict[str, np.ndarray]]:
     """IG per held-out slide; the target class is the one the model predicts."""
@@ -267,7 +276,7 @@ def _fold_attribution(model, dataset: SlideDataset, *, task: str, steps: int,
             with torch.no_grad():
                 target = model(batch.bags, **batch.model_kwargs()).logits.argmax(-1)
         ig = integrated_gradients(model, batch.bags, masks=batch.masks, genes=batch.genes, target=target, steps=steps,
-                                  coords=batch.coords)
+                                  coords=batch.coords, footprints=batch.footprints)
         for u, per in ig.items():
             for g, v in per.items():
                 parts.setdefault(u, {}).setdefault(g, []).append(v.numpy())

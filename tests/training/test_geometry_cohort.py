@@ -88,3 +88,32 @@ def test_a_mixed_scanner_cohort_trains_and_predicts_the_same_slide_alike(tmp_pat
     for column in ("tumor_attention", "tme_attention"):
         np.testing.assert_allclose(a.patches[column].to_numpy(), b.patches[column].to_numpy(), rtol=1e-4, atol=1e-7)
     assert set(b.patches["width"]) == {w * factor for w in set(a.patches["width"])} or factor < 1
+    # the inspection tools read each bag's own footprint too: gene attributions of the slide
+    # from either scan agree (a teacher with spatial context finds the same neighbours)
+    from napari_dismm.inspect.attribution import integrated_gradients
+    from napari_dismm.model.checkpoint import load_model
+    from training.inspect import _footprints
+
+    assert _footprints(setup.data.test, slide.slide_id) == {m: setup.data.test.cache.footprint(p)
+                                                            for m, p in slide.features.items()}
+    teacher, _ = load_model(model_dir)
+    gene_batch = {g: torch.zeros(1, len(v), dtype=torch.float32) + 0.5 for g, v in genes.items()}
+
+    def attribution(paths, *, own_footprints: bool):
+        files = {m: read_features(p) for m, p in paths.items()}
+        bags = {m: torch.from_numpy(f.features)[None] for m, f in files.items()}
+        coords = {m: torch.from_numpy(f.coords)[None] for m, f in files.items()}
+        sizes = {m: torch.tensor([float(f.patch_size_level0)]) for m, f in files.items()} if own_footprints else None
+        ig = integrated_gradients(teacher, bags, masks=None, genes=gene_batch, target=torch.tensor([0]), steps=2,
+                                  coords=coords, footprints=sizes)
+        return torch.cat([v.flatten() for per in ig.values() for v in per.values()])
+
+    first, second = attribution(slide.features, own_footprints=True), attribution(other, own_footprints=True)
+    torch.testing.assert_close(first, second, rtol=1e-4, atol=1e-6)
+    # the scan whose footprint is not the model's configured one: without its own, other neighbours
+    configured = teacher.config.patch_size_10x_level0
+    foreign = next(paths for paths in (slide.features, other) if read_features(paths["10x"]).patch_size_level0 != configured)
+    same = (first - second).abs().max()
+    wrong = (attribution(foreign, own_footprints=False) - first).abs().max()
+    print(f"attribution from the other scan: own footprints {same:.2e}, the configured one {wrong:.2e}")
+    assert wrong > 10 * same

@@ -31,11 +31,13 @@ SUBSPACES = ("tumor", "tme")
 
 def subspace_scores(model: nn.Module, bags: dict[str, Tensor], *, masks: dict[str, Tensor] | None,
                     genes: dict[str, Tensor], target: Tensor | None,
-                    coords: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
-    """{subspace: (B,) score}: the subspace logits at ``target`` (None = survival: summed)."""
+                    coords: dict[str, Tensor] | None = None,
+                    footprints: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """{subspace: (B,) score}: the subspace logits at ``target`` (None = survival: summed).
+    ``footprints``: each bag's patch side in level-0 px (its neighbours for spatial context)."""
     if getattr(getattr(model, "config", None), "kind", None) != "teacher":
         raise ModelConfigError(f"gene attribution needs a DisMM teacher, got {type(model).__name__}")
-    out = model(bags, coords=coords, masks=masks, genes=genes)
+    out = model(bags, coords=coords, masks=masks, genes=genes, footprints=footprints)
     scores = {u: 0.0 for u in SUBSPACES}
     for mag, feats in out.features.items():
         o_t, o_e = model.fusion_heads[mag].subspace_logits(feats["tumor"], feats["tme"])
@@ -47,9 +49,11 @@ def subspace_scores(model: nn.Module, bags: dict[str, Tensor], *, masks: dict[st
 
 def integrated_gradients(model: nn.Module, bags: dict[str, Tensor], *, masks: dict[str, Tensor] | None,
                          genes: dict[str, Tensor], target: Tensor | None, steps: int = 16,
-                         coords: dict[str, Tensor] | None = None) -> dict[str, dict[str, Tensor]]:
-    """``{subspace: {gene group: (B, G) attribution}}`` of each subspace score (``coords``:
-    the patch coordinates, which a teacher with spatial context needs)."""
+                         coords: dict[str, Tensor] | None = None,
+                         footprints: dict[str, Tensor] | None = None) -> dict[str, dict[str, Tensor]]:
+    """``{subspace: {gene group: (B, G) attribution}}`` of each subspace score (``coords`` and
+    ``footprints``: the patch coordinates and each bag's patch side, which a teacher with
+    spatial context needs)."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     was_training = model.training
@@ -59,7 +63,8 @@ def integrated_gradients(model: nn.Module, bags: dict[str, Tensor], *, masks: di
         for k in range(steps):
             alpha = (k + 0.5) / steps
             scaled = {g: (alpha * v).detach().requires_grad_(True) for g, v in genes.items()}
-            scores = subspace_scores(model, bags, masks=masks, genes=scaled, target=target, coords=coords)
+            scores = subspace_scores(model, bags, masks=masks, genes=scaled, target=target, coords=coords,
+                                     footprints=footprints)
             for u in SUBSPACES:
                 grads = torch.autograd.grad(scores[u].sum(), list(scaled.values()), retain_graph=u != SUBSPACES[-1],
                                             allow_unused=True)
