@@ -141,8 +141,15 @@ class StudentBranch(nn.Module):
         keys = permutation_keys(features=x[:, :16].index_select(0, valid), coords=bag_coords)
         order = torch.sort(keys, stable=True).indices
         source = valid[order]
-        tokens = [self.embed(x.index_select(0, part)) for part in source.split(self.chunk_size)]
-        tokens = torch.cat(tokens) if tokens else x.new_zeros(0, self.ita.scorer.in_features)
+        n = valid.numel()
+        if n and int(valid[-1]) == n - 1:
+            # real rows are a prefix (padding at the end): embed the view and reorder the
+            # d-wide tokens, so the embedding's backward keeps no gathered copy of the
+            # d_in-wide input (~4 KB per patch at d_in 1024)
+            tokens = torch.cat([self.embed(part) for part in x[:n].split(self.chunk_size)]).index_select(0, order)
+        else:
+            tokens = [self.embed(x.index_select(0, part)) for part in source.split(self.chunk_size)]
+            tokens = torch.cat(tokens) if tokens else x.new_zeros(0, self.ita.scorer.in_features)
         mixed = self.mixer.mix_bag(tokens, coords=None if bag_coords is None else bag_coords[order])
         return source, self.ita.aggregate(mixed, prototypes=prototypes, keys=keys[order])
 
