@@ -196,3 +196,24 @@ def test_memorises_a_tiny_training_set(task: str, single_thread) -> None:  # noq
         final = task_loss(model({"20x": bags}, coords={"20x": xy}).logits, target, task=task, events=events)
     assert final.item() < 0.05
     assert model.branches["20x"].ita.scorer.weight.grad.abs().sum() > 0
+
+
+def test_in_place_embedding_draws_the_same_dropout_as_the_gathered_one() -> None:
+    """A bag whose real rows are a prefix is embedded in place (no gathered copy of the input
+    kept for the backward); in training mode it must give exactly the tokens, and so the ITA,
+    of the gathered path, dropout masks included."""
+    student = make_student(dropout=0.3, chunk_size=7).train()
+    branch = next(iter(student.branches.values()))
+    x = torch.randn(20, student.config.d_in)
+    coords = grid_coords(20, 224.0).float()
+    prototypes = torch.randn(2, student.config.d)
+    shifted = torch.cat([torch.randn(1, x.shape[1]), x])  # real rows 1..20: the gathered path
+    shifted_coords = torch.cat([coords[:1], coords])
+    torch.manual_seed(3)
+    source, prefix = branch.run_bag(x, valid=torch.arange(20), coords=coords, prototypes=prototypes)
+    torch.manual_seed(3)
+    source_g, gathered = branch.run_bag(shifted, valid=torch.arange(1, 21), coords=shifted_coords,
+                                         prototypes=prototypes)
+    assert torch.equal(source + 1, source_g)
+    for field in ("cluster", "weight", "merged", "features", "attention"):
+        torch.testing.assert_close(getattr(prefix, field), getattr(gathered, field), rtol=1e-5, atol=1e-6)

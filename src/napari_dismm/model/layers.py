@@ -29,6 +29,13 @@ class PatchEmbedding(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
 
+    def project(self, x: Tensor) -> Tensor:
+        """Linear + ReLU without the dropout: rows can be reordered before `drop`."""
+        return self.net[1](self.net[0](x))
+
+    def drop(self, h: Tensor) -> Tensor:
+        return self.net[2](h)
+
 
 class SNN(nn.Module):
     """Self-normalising network for gene vectors: blocks of Linear, ELU, AlphaDropout.

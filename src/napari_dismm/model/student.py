@@ -143,10 +143,12 @@ class StudentBranch(nn.Module):
         source = valid[order]
         n = valid.numel()
         if n and int(valid[-1]) == n - 1:
-            # real rows are a prefix (padding at the end): embed the view and reorder the
+            # real rows are a prefix (padding at the end): project the view and reorder the
             # d-wide tokens, so the embedding's backward keeps no gathered copy of the
-            # d_in-wide input (~4 KB per patch at d_in 1024)
-            tokens = torch.cat([self.embed(part) for part in x[:n].split(self.chunk_size)]).index_select(0, order)
+            # d_in-wide input (~4 KB per patch at d_in 1024); dropout after the reorder, chunk
+            # by chunk, draws the same masks as embedding the gathered chunks did
+            projected = torch.cat([self.embed.project(part) for part in x[:n].split(self.chunk_size)])
+            tokens = torch.cat([self.embed.drop(part) for part in projected.index_select(0, order).split(self.chunk_size)])
         else:
             tokens = [self.embed(x.index_select(0, part)) for part in source.split(self.chunk_size)]
             tokens = torch.cat(tokens) if tokens else x.new_zeros(0, self.ita.scorer.in_features)
