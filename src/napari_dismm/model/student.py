@@ -141,17 +141,18 @@ class StudentBranch(nn.Module):
         keys = permutation_keys(features=x[:, :16].index_select(0, valid), coords=bag_coords)
         order = torch.sort(keys, stable=True).indices
         source = valid[order]
+        # project the real rows (a view when they are a prefix, as after padding at the end),
+        # then reorder the d-wide tokens: the embedding's backward keeps no gathered copy of the
+        # d_in-wide input (~4 KB per patch at d_in 1024); dropout after the reorder, chunk by
+        # chunk, draws the masks embedding the reordered chunks would
         n = valid.numel()
-        if n and int(valid[-1]) == n - 1:
-            # real rows are a prefix (padding at the end): project the view and reorder the
-            # d-wide tokens, so the embedding's backward keeps no gathered copy of the
-            # d_in-wide input (~4 KB per patch at d_in 1024); dropout after the reorder, chunk
-            # by chunk, draws the same masks as embedding the gathered chunks did
-            projected = torch.cat([self.embed.project(part) for part in x[:n].split(self.chunk_size)])
-            tokens = torch.cat([self.embed.drop(part) for part in projected.index_select(0, order).split(self.chunk_size)])
+        rows = x[:n] if n and int(valid[-1]) == n - 1 else x.index_select(0, valid)
+        projected = [self.embed.project(part) for part in rows.split(self.chunk_size)]
+        if projected:
+            ordered = torch.cat(projected).index_select(0, order)
+            tokens = torch.cat([self.embed.drop(part) for part in ordered.split(self.chunk_size)])
         else:
-            tokens = [self.embed(x.index_select(0, part)) for part in source.split(self.chunk_size)]
-            tokens = torch.cat(tokens) if tokens else x.new_zeros(0, self.ita.scorer.in_features)
+            tokens = x.new_zeros(0, self.ita.scorer.in_features)
         mixed = self.mixer.mix_bag(tokens, coords=None if bag_coords is None else bag_coords[order])
         return source, self.ita.aggregate(mixed, prototypes=prototypes, keys=keys[order])
 
