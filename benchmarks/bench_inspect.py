@@ -54,7 +54,7 @@ def main() -> None:
     print(f"CKA n={args.n} d={args.d}: feature space {a * 1e3:.1f} ms, Gram form {b * 1e3:.1f} ms, ratio {a / b:.3f}")
 
     from napari_dismm.slide import open_slide, write_sample_slide
-    from napari_dismm.viewer.inspect_layers import gallery_indices, read_patch
+    from napari_dismm.viewer.inspect.layers import gallery_indices, read_patch
 
     with tempfile.TemporaryDirectory() as tmp:
         path = write_sample_slide(Path(tmp) / "s.tif", width=6000, height=5000, mpp=0.25, seed=1).path

@@ -9,7 +9,7 @@
    run -- which is napari's fixed per-layer cost (layer controls, vispy visuals, the
    colorbar) that no choice of layer data can remove. Then the same overlays replacing
    shown ones, as a second Run (other scores) or a magnification change (10x -> 20x) does:
-   refilled in place (``viewer.layer_refill``, the widget's way) vs removed and added anew.
+   refilled in place (``viewer.layers.refill``, the widget's way) vs removed and added anew.
 2. Event-loop latency while an inference worker runs (`thread_worker`, as the widget does):
    a QTimer fires every 10 ms and records how late it is; max and p95 lag (goal < 100 ms).
    The worker does real CPU work (torch matmuls, which release the GIL like a model's
@@ -115,8 +115,8 @@ def bench_layers(viewer, prediction: Prediction | None, *, magnification: str | 
     (``refill``, what the widget does) or removed and added anew (what it did before)."""
     from qtpy.QtWidgets import QApplication
 
-    from napari_dismm.viewer.prediction_layers import prediction_layer_data
-    from napari_dismm.viewer.layer_display import add_layer_tuples, prediction_layers_in
+    from napari_dismm.viewer.layers.prediction import prediction_layer_data
+    from napari_dismm.viewer.layers.display import add_layer_tuples, prediction_layers_in
 
     if shown is not None:
         add_layer_tuples(viewer, prediction_layer_data(shown[0], magnification=shown[1]), prediction=shown[0])

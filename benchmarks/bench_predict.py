@@ -10,7 +10,7 @@ Per slide, two runs side by side in this process:
 - warm: the same call again (feature files reused: no pixel is read or encoded).
 "read" is the time the encoder waited for pixels (reading is overlapped with encoding by
 worker threads, so only the unhidden part shows); "layers" builds the viewer's layer data
-(`napari_dismm.viewer.prediction_layers.prediction_layer_data`) from the prediction.
+(`napari_dismm.viewer.layers.prediction.prediction_layer_data`) from the prediction.
 
     python benchmarks/bench_predict.py [--slide PATH ...] [--batch-size 32]
 """
@@ -33,7 +33,7 @@ CMU = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "CMU-1-Small
 
 def layers_seconds(prediction) -> float | None:
     try:
-        from napari_dismm.viewer.prediction_layers import prediction_layer_data
+        from napari_dismm.viewer.layers.prediction import prediction_layer_data
     except ImportError:
         return None
     t0 = time.perf_counter()

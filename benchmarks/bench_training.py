@@ -30,7 +30,7 @@ def _setup(root: Path, patients: int):
     from training.cohort import load_cohort
     from training.config import config_from_dict
     from training.splits import split_cohort
-    from training.stage1 import prepare_fold
+    from training.stages.supervised import prepare_fold
     from training.synth import planted_cohort_config, write_synthetic_cohort
 
     if not (root / "cohort.csv").exists():
@@ -48,8 +48,8 @@ def _objective(kind: str, setup):
     import torch
 
     from napari_dismm.model.registry import build_model
-    from training.stage1 import SupervisedObjective, model_config
-    from training.stage2 import DistillationObjective, teacher_prototypes
+    from training.stages.supervised import SupervisedObjective, model_config
+    from training.stages.distillation import DistillationObjective, teacher_prototypes
 
     torch.manual_seed(0)
     teacher = build_model(model_config("teacher", setup))

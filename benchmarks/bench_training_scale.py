@@ -105,8 +105,8 @@ def _build(kind: str, cohort_dir: Path, batch_size: int):
     from training.config import config_from_dict
     from training.dataset import collate_bags
     from training.splits import Fold
-    from training.stage1 import SupervisedObjective, model_config, prepare_fold
-    from training.stage2 import DistillationObjective
+    from training.stages.supervised import SupervisedObjective, model_config, prepare_fold
+    from training.stages.distillation import DistillationObjective
 
     cohort = load_cohort(cohort_csv=cohort_dir / "cohort.csv", expression=cohort_dir / "expression.tsv",
                          gene_sets=cohort_dir / "sets.gmt", task="classification")

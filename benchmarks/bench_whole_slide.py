@@ -38,7 +38,7 @@ def child(slide: Path, cache: Path, out: Path) -> None:
     from napari_dismm.slide import open_slide
     from napari_dismm.tiling import magnification_to_mpp, make_grid
     from napari_dismm.tissue import detect_tissue
-    from napari_dismm.viewer.prediction_layers import prediction_layer_data
+    from napari_dismm.viewer.layers.prediction import prediction_layer_data
 
     t0 = time.perf_counter()
     pred = predict_slide(slide_path=slide, model_dir="demo", device="cpu", batch_size=32)

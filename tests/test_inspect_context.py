@@ -14,7 +14,7 @@ from napari_dismm.inspect.teacher import teacher_genes
 from napari_dismm.model.checkpoint import save_model
 from napari_dismm.model.registry import build_model
 from napari_dismm.omics import ExpressionNormaliser, read_expression
-from napari_dismm.viewer.inspect_layers import gallery_indices, patch_rows, pick_level, read_patch
+from napari_dismm.viewer.inspect.layers import gallery_indices, patch_rows, pick_level, read_patch
 
 
 def test_pick_level_never_coarser_than_the_model_magnification():

@@ -51,7 +51,7 @@ def slide_path(tmp_path_factory):
 
 @pytest.fixture
 def setup(make_napari_viewer, slide_path):
-    from napari_dismm.viewer.inspect_widget import InspectWidget
+    from napari_dismm.viewer.inspect.widget import InspectWidget
 
     viewer = make_napari_viewer(show=True)
     viewer.open(str(slide_path), plugin="napari-dismm")
@@ -114,7 +114,7 @@ def test_gallery_click_moves_the_camera_to_the_patch(setup, qtbot, slide_path):
     assert tuple(_camera(viewer).center[-2:]) == pytest.approx(expected)
     assert set(widget.points_layer.selected_data) == {row}
     # the thumbnail is the slide's patch (read at 20x from the pyramid): compare with a direct read
-    from napari_dismm.viewer.inspect_layers import read_patch
+    from napari_dismm.viewer.inspect.layers import read_patch
 
     levels = list(viewer.layers[0].data)
     thumb = read_patch(levels, patch, slide_mpp=MPP, mag="20x", size=32)
@@ -176,7 +176,7 @@ def test_run_the_teacher_with_the_patients_expression(make_napari_viewer, slide_
     from napari_dismm.model.registry import build_model
     from napari_dismm.omics import ExpressionNormaliser, read_expression
     from napari_dismm.predict import predict_slide
-    from napari_dismm.viewer.inspect_widget import InspectWidget
+    from napari_dismm.viewer.inspect.widget import InspectWidget
 
     monkeypatch.setenv("NAPARI_DISMM_CACHE", str(tmp_path / "cache"))
     torch.set_num_threads(1)

@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 from napari.layers import Layer
 
-from napari_dismm.viewer.layer_refill import pair_layers, refill, remember, same
-from napari_dismm.viewer.prediction_layers import prediction_layer_data
+from napari_dismm.viewer.layers.refill import pair_layers, refill, remember, same
+from napari_dismm.viewer.layers.prediction import prediction_layer_data
 from tests.test_prediction_layers import make_prediction, patch_table
 
 

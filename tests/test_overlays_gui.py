@@ -19,8 +19,8 @@ def _flat_prediction(value: float):
 
 
 def test_colormap_alpha_is_zero_at_the_minimum(make_napari_viewer):
-    from napari_dismm.viewer.prediction_layers import prediction_layer_data
-    from napari_dismm.viewer.layer_display import add_layer_tuples
+    from napari_dismm.viewer.layers.prediction import prediction_layer_data
+    from napari_dismm.viewer.layers.display import add_layer_tuples
 
     viewer = make_napari_viewer(show=True)
     rng = np.random.default_rng(0)
@@ -49,7 +49,7 @@ def test_colormap_alpha_is_zero_at_the_minimum(make_napari_viewer):
 
     assert shown_minus_hidden() <= 1.0  # at the minimum the overlay draws nothing
     # the same map with an opaque colormap covers the tissue: the check can fail
-    from napari_dismm.viewer.layer_display import restyle_attention
+    from napari_dismm.viewer.layers.display import restyle_attention
 
     restyle_attention([tumor], normalisation="minmax", smoothing=0.0, transparent_low=False)
     assert tumor.colormap.map(np.array([0.0]))[0, 3] == 1.0

@@ -17,7 +17,7 @@ from sklearn.metrics import roc_auc_score
 from napari_dismm.bundle import PATCH_COLUMNS, Prediction
 from napari_dismm.errors import DismmError
 from napari_dismm.slide import open_slide, write_sample_slide
-from napari_dismm.viewer.prediction_layers import (
+from napari_dismm.viewer.layers.prediction import (
     display_grid,
     grid_for,
     mean_grid,
@@ -105,7 +105,7 @@ def _by_name(layers):
 def test_tumor_layer_aligns_with_planted_tumor_in_world(planted):
     """Sample world points, map them through the attention layer AND the slide layer, and
     check the attention there separates planted tumor from the rest (AUROC >= 0.9)."""
-    from napari_dismm.viewer.layers import slide_layer_data
+    from napari_dismm.viewer.layers.slide import slide_layer_data
 
     sample, slide, pred = planted
     layers = _by_name(prediction_layer_data(pred, normalisation="raw", magnification="all"))

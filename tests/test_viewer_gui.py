@@ -109,7 +109,7 @@ from napari_dismm.viewer.app import new_viewer, prefer_dynamic_layer_controls
 prefer_dynamic_layer_controls()  # as `dismm view` / `dismm demo` do, before napari reads its settings
 from napari.settings import get_settings
 from qtpy.QtWidgets import QApplication
-from napari_dismm.viewer.layer_display import add_prediction_layers
+from napari_dismm.viewer.layers.display import add_prediction_layers
 from tests.test_prediction_layers import make_prediction, patch_table
 viewer = new_viewer(show=True)
 print("dynamic", get_settings().experimental.dynamic_layer_controls)

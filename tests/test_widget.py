@@ -246,8 +246,8 @@ def test_add_layer_tuples_selects_once_and_refills(make_napari_viewer):
     layer, each switch costing a dock rebuild and often a canvas repaint), ends with the
     patch points alone selected (as napari's own adds would), refills the slide's earlier
     overlays in place, and leaves napari's select-on-insert on even when an add fails."""
-    from napari_dismm.viewer.prediction_layers import prediction_layer_data
-    from napari_dismm.viewer.layer_display import add_layer_tuples
+    from napari_dismm.viewer.layers.prediction import prediction_layer_data
+    from napari_dismm.viewer.layers.display import add_layer_tuples
     from tests.test_prediction_layers import make_prediction, patch_table
 
     viewer = make_napari_viewer(show=True)
@@ -317,8 +317,8 @@ def test_refilled_overlays_equal_a_fresh_add(make_napari_viewer, first, then):
     same tuples, stacked in their order, with a user's own layer left where it was."""
     from napari.layers import Layer
 
-    from napari_dismm.viewer.prediction_layers import prediction_layer_data
-    from napari_dismm.viewer.layer_display import add_layer_tuples
+    from napari_dismm.viewer.layers.prediction import prediction_layer_data
+    from napari_dismm.viewer.layers.display import add_layer_tuples
 
     viewer = make_napari_viewer(show=True)
     viewer.add_image(np.zeros((4, 4), np.float32), name="slide", scale=(0.25, 0.25), units=("um", "um"))
@@ -343,8 +343,8 @@ def test_refilled_overlays_equal_a_fresh_add(make_napari_viewer, first, then):
 def test_refill_keeps_what_the_user_changed(make_napari_viewer):
     """A setting the user changed (opacity, a hidden layer) survives a magnification change
     when the new tuple gives that setting the same value as before; new data always lands."""
-    from napari_dismm.viewer.prediction_layers import prediction_layer_data
-    from napari_dismm.viewer.layer_display import add_layer_tuples
+    from napari_dismm.viewer.layers.prediction import prediction_layer_data
+    from napari_dismm.viewer.layers.display import add_layer_tuples
 
     viewer = make_napari_viewer(show=True)
     pred = two_magnification_prediction(0)

@@ -190,7 +190,7 @@ class StudentSettings:
                            "from the student's, model/losses.py)", lo=0)
     temperature: float = _f(2.0, "distillation temperature T", lo=0, lo_open=True)
     name_by_teacher: bool = _f(True, "after training, name the student's tumor / TME maps by which pairing agrees "
-                               "more with the teacher's maps on the training patients (training/stage2.py)")
+                               "more with the teacher's maps on the training patients (training/stages/distillation.py)")
     patience: int = _f(15, "epochs without validation improvement before stopping (0 = never stop early)", lo=0)
 
     def __post_init__(self) -> None:

@@ -41,14 +41,14 @@ from napari_dismm.model.checkpoint import load_model, save_model
 from napari_dismm.model.heads import describe_logits
 from napari_dismm.model.losses import survival_nll
 from napari_dismm.model.mirror import Mirror
-from napari_dismm.model.mirror_losses import mean_assignment_entropy
+from napari_dismm.model.mirror.losses import mean_assignment_entropy
 from napari_dismm.model.registry import build_model
 from napari_dismm.omics import ExpressionNormaliser, read_expression
 from napari_dismm.omics.expression import ExpressionTable
 from training.dataset import SlideDataset, collate_bags
 from training.engine import FoldOutcome, Predictions, predictions_frame, score, seed_for
 from training.metrics import write_history
-from training.stage1 import FoldSetup
+from training.stages.supervised import FoldSetup
 
 MIRROR_MODELS = ("mirror_probe", "mirror_fewshot", "meanpool_probe")
 PRETRAIN_DIR = "mirror_pretrain"

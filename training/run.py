@@ -34,8 +34,8 @@ from training.ddp import SINGLE, DistContext, barrier
 from training.metrics import summary_json, summary_table
 from training.mirror import MIRROR_MODELS, MirrorSettings, run_mirror_model
 from training.splits import Split, load_or_make_split
-from training.stage1 import FoldSetup, prepare_fold, train_supervised_fold
-from training.stage2 import train_student_fold
+from training.stages.supervised import FoldSetup, prepare_fold, train_supervised_fold
+from training.stages.distillation import train_student_fold
 
 CONFIG_FILE = "config.resolved.toml"
 SPLIT_FILE = "split.json"

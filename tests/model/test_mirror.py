@@ -11,8 +11,8 @@ import torch
 from napari_dismm.errors import DataError, ModelConfigError
 from napari_dismm.model.checkpoint import load_model, save_model
 from napari_dismm.model.mirror import Mirror, MirrorConfig
-from napari_dismm.model.mirror_encoders import cls_attention, lattice_cells
-from napari_dismm.model.mirror_losses import (
+from napari_dismm.model.mirror.encoders import cls_attention, lattice_cells
+from napari_dismm.model.mirror.losses import (
     alignment_loss,
     balance_loss,
     balanced_labels,

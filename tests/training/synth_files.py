@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from training.synth import MAG_NUMBER, CohortFiles, pick_genes, write_synthetic_cohort
-from training.synth_layout import SynthConfig
+from training.synth.layout import SynthConfig
 
 __all__ = ["MAG_NUMBER", "CohortFiles", "pick_genes", "variant", "write_cohort"]
 

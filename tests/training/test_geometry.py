@@ -13,7 +13,7 @@ from napari_dismm.features.h5 import FeatureFile, bag_footprint, scan_features, 
 from napari_dismm.model.context import neighbour_counts, neighbour_pairs, with_context
 from napari_dismm.model.grid import grid_index_20x_to_10x
 from napari_dismm.model.losses import dev_loss
-from napari_dismm.model.mirror_encoders import lattice_cells
+from napari_dismm.model.mirror.encoders import lattice_cells
 from napari_dismm.model.registry import build_model
 from training.dataset import BagCache, SlideItem, collate_bags, geometric_subset
 

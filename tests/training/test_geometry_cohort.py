@@ -18,7 +18,7 @@ from tests.training.synth_files import write_cohort
 from training.cohort import load_cohort
 from training.config import DEV_WEIGHT_ON, config_from_dict
 from training.splits import split_cohort
-from training.stage1 import prepare_fold, train_supervised_fold
+from training.stages.supervised import prepare_fold, train_supervised_fold
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -12,7 +12,7 @@ from tests.training.synth_files import write_cohort
 from training.cohort import load_cohort
 from training.config import config_from_dict
 from training.splits import split_cohort
-from training.stage1 import SupervisedObjective, model_config, prepare_fold
+from training.stages.supervised import SupervisedObjective, model_config, prepare_fold
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

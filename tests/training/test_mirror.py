@@ -17,7 +17,7 @@ from napari_dismm.omics import read_expression
 from napari_dismm.omics.expression import ExpressionTable
 from napari_dismm.predict import predict_features
 from training.config import config_from_dict
-from napari_dismm.model.mirror_losses import balance_loss, mean_assignment_entropy
+from napari_dismm.model.mirror.losses import balance_loss, mean_assignment_entropy
 from training.cohort import load_cohort
 from training.dataset import SlideDataset
 from training.mirror import Frozen, MirrorSettings, embeddings, few_shot, select_genes
@@ -188,7 +188,7 @@ def test_survival_probe_with_the_discrete_time_head(tmp_path):
 
 
 def test_decoys_shift_only_other_patches():
-    from training.synth_layout import REGION_OTHER, generate_cohort
+    from training.synth.layout import REGION_OTHER, generate_cohort
 
     base = planted_cohort_config(task="classification", n_patients=16)
     assert base.decoy_signal == 0.0  # opt-in: default cohorts (and their random stream) unchanged

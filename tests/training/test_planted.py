@@ -137,7 +137,7 @@ def _oracle_c_index(files) -> float:
     from lifelines.utils import concordance_index
 
     frame = pd.read_csv(files.csv).merge(pd.read_csv(files.truth))
-    from training.synth_layout import SURVIVAL_TME_LOG_HR, SURVIVAL_TUMOR_LOG_HR
+    from training.synth.layout import SURVIVAL_TME_LOG_HR, SURVIVAL_TUMOR_LOG_HR
 
     log_hazard = SURVIVAL_TUMOR_LOG_HR * frame.tumor_state + SURVIVAL_TME_LOG_HR * frame.tme_state
     return float(concordance_index(frame.time, -log_hazard, frame.event))

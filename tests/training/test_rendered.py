@@ -12,7 +12,7 @@ import pytest
 from napari_dismm.errors import DataError, SlideError
 from napari_dismm.slide import open_slide
 from napari_dismm.slide.synthetic import Appearance, load_sample_slide, sidecar_path, state_appearance, write_sample_slide
-from training.rendered import patch_regions, render_cohort
+from training.synth.rendered import patch_regions, render_cohort
 
 SIZE = dict(width=1536, height=1152, mpp=0.5, tile=256, compression="zlib")
 

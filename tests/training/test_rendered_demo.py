@@ -8,7 +8,7 @@ import json
 import pytest
 
 from napari_dismm.predict import DEMO_MODEL_DIR
-from training.synth_layout import CLASS_NAMES
+from training.synth.layout import CLASS_NAMES
 from training.recipes.demo_model import TRAINED_FOR, attention_auroc, demo_config, sample_slide_features
 
 pytestmark = pytest.mark.skipif(

@@ -12,8 +12,8 @@ from training.dataset import collate_bags
 from training.ddp import DistContext, epoch_batches
 from training.engine import load_checkpoint, save_checkpoint, seed_for
 from training.splits import split_cohort
-from training.stage1 import SupervisedObjective, model_config, prepare_fold
-from training.stage2 import DistillationObjective, name_subspaces_by_teacher, teacher_prototypes
+from training.stages.supervised import SupervisedObjective, model_config, prepare_fold
+from training.stages.distillation import DistillationObjective, name_subspaces_by_teacher, teacher_prototypes
 from napari_dismm.model.registry import build_model
 from tests.training.synth_files import write_cohort
 

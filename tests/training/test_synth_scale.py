@@ -16,7 +16,7 @@ import pytest
 from napari_dismm.cli import main
 from napari_dismm.features.h5 import read_features
 from training.synth import planted_cohort_config, write_synthetic_cohort
-from training.synth_layout import SIZE_SPREAD, generate_cohort
+from training.synth.layout import SIZE_SPREAD, generate_cohort
 
 PATIENTS, PATCHES_20X, DIM = 8, 1200, 8
 FOOTPRINTS = {0.25: {"10x": 896, "20x": 448}, 0.5: {"10x": 448, "20x": 224}}

@@ -3,14 +3,14 @@
 Why a recipe: the demo student inside the package must be reproducible by one command
 from generated data only. Steps (each cached in WORKDIR, so a re-run resumes):
 
-1. render the planted synthetic cohort (:func:`training.rendered.render_cohort`): slides
+1. render the planted synthetic cohort (:func:`training.synth.rendered.render_cohort`): slides
    whose tumor / TME look follows hidden states, real encoder features, expression;
 2. train teacher and student with the protocol runner (:func:`training.run.run_training`,
    3 patient-level folds, model selection on a validation split inside each training fold);
 3. name the subspaces: with K = 2 the student's two clusters separate planted tumor from
    the rest, but which of them the teacher prototypes call "tumor" came out arbitrary
    per fold and magnification on this cohort. Stage II now names them by agreement with
-   the teacher's maps (training/stage2.py); on top, per magnification, the map that ranks
+   the teacher's maps (training/stages/distillation.py); on top, per magnification, the map that ranks
    planted tumor higher on the fold's *training* patients is named tumor
    (:func:`swap_subspaces`: a renaming, every logit unchanged);
 4. score every fold's (renamed) student: held-out classification metrics (from the
@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from training.rendered import patch_regions, render_cohort
+from training.synth.rendered import patch_regions, render_cohort
 
 TRAINED_FOR = "demo: 4-class planted synthetic cohort (tumor state x TME state), rendered H&E-like slides"
 INSTALL_DIR = Path(__file__).resolve().parents[2] / "src" / "napari_dismm" / "data" / "demo_model"

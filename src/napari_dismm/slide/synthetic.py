@@ -13,7 +13,7 @@ known downsample plus exact `labels_at` / `region_mask` helpers.
 
 Optional appearance knobs (`Appearance`, tumor nest size, immune cluster count and size)
 let hidden patient states show in the pixels (`state_appearance`): the rendered synthetic
-cohort of `training.rendered` is built on them. Left at their defaults, the output is
+cohort of `training.synth.rendered` is built on them. Left at their defaults, the output is
 byte-identical to the generator's first version, so cached samples stay valid.
 """
 

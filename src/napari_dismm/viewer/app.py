@@ -79,7 +79,7 @@ def new_viewer(*, show: bool = True, title: str = "napari-dismm", scale_bar: boo
 
 def add_slide(viewer, slide: Slide):
     """Add the slide's layers and frame the whole slide."""
-    from napari_dismm.viewer.layers import slide_layer_data
+    from napari_dismm.viewer.layers.slide import slide_layer_data
 
     data, kwargs, _ = slide_layer_data(slide)
     layer = viewer.add_image(data, **kwargs)  # layer units (µm) drive the scale bar
@@ -176,7 +176,7 @@ def headless_screenshot(slide: Slide, *, out_dir: Path, prediction=None) -> Path
         try:
             add_slide(viewer, slide)
             if prediction is not None:
-                from napari_dismm.viewer.layer_display import add_prediction_layers
+                from napari_dismm.viewer.layers.display import add_prediction_layers
 
                 add_prediction_layers(viewer, prediction)
                 viewer.reset_view()

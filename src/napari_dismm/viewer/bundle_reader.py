@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from napari_dismm.viewer.prediction_layers import LayerData, prediction_layer_data
+from napari_dismm.viewer.layers.prediction import LayerData, prediction_layer_data
 
 
 def is_bundle(path: str | os.PathLike) -> bool:

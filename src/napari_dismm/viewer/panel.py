@@ -13,7 +13,7 @@ from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
 from qtpy.QtWidgets import QLabel, QVBoxLayout, QWidget
 
-from napari_dismm.viewer.prediction_layers import NOTE
+from napari_dismm.viewer.layers.prediction import NOTE
 
 
 class PredictionPanel(QWidget):

@@ -30,7 +30,7 @@ def read_paths(path: str | Sequence[str]) -> list:
     from napari_dismm.bundle import is_bundle_dir
     from napari_dismm.slide import open_slide
     from napari_dismm.viewer.bundle_reader import read_bundle_layers
-    from napari_dismm.viewer.layers import slide_layer_data
+    from napari_dismm.viewer.layers.slide import slide_layer_data
 
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
     layers: list = []

@@ -14,7 +14,7 @@ Why it is built this way:
   within a second while batches stay as large as the CLI's (same throughput); a second Run
   while one is going is refused with a message.
 - Every user-caused error arrives as a one-line notification; the viewer never dies.
-- A second Run or another magnification refills the shown overlay layers (`layer_refill`):
+- A second Run or another magnification refills the shown overlay layers (`layers.refill`):
   napari's cost of inserting a layer (~0.1 s each) is paid once per slide.
 - Attention fades out towards its low end (`viewer.colormaps`) in a perceptual colormap the
   user picks per subspace, so the H&E stays visible; the only slide layer is pre-selected.
@@ -34,11 +34,11 @@ from qtpy.QtCore import QTimer
 
 from napari_dismm.errors import DismmError
 from napari_dismm.viewer.colormaps import PERCEPTUAL
-from napari_dismm.viewer.layer_display import (
+from napari_dismm.viewer.layers.display import (
     add_layer_tuples, prediction_layers_in, region_polygons, restyle_attention,
 )
 from napari_dismm.viewer.panel import PredictionPanel
-from napari_dismm.viewer.prediction_layers import NORMALISATIONS, prediction_layer_data
+from napari_dismm.viewer.layers.prediction import NORMALISATIONS, prediction_layer_data
 
 #: "finest" = the finest magnification present, "all" = every one (napari adds 0.07-0.11 s per layer)
 MAGNIFICATION_CHOICES = ("finest", "all", "10x", "20x")

@@ -5,7 +5,7 @@ on a bundle returns exactly what the widget adds.
 
 Placement in the slide's world frame (why the numbers are what they are)
 ------------------------------------------------------------------------
-The slide layer (`viewer.layers.slide_layer_data`) has ``scale = (mpp, mpp)`` and no
+The slide layer (`viewer.layers.slide.slide_layer_data`) has ``scale = (mpp, mpp)`` and no
 translate, and napari puts the *centre* of data pixel ``j`` at world ``j * mpp``. Level-0
 pixel ``j`` therefore covers world ``[(j - 0.5) * mpp, (j + 0.5) * mpp)``. Writing level-0
 positions as continuous coordinates ``c`` (pixel ``j`` spans ``[j, j + 1)``, the convention

@@ -3,7 +3,7 @@
 - The diverging layer: per patch, tumor minus TME attention, each first scaled by the
   number of patches of its magnification (so 1 = uniform attention and the two maps are
   comparable whatever the bag size); drawn on the patch grid of
-  :mod:`napari_dismm.viewer.prediction_layers`, symmetric contrast limits around 0.
+  :mod:`napari_dismm.viewer.layers.prediction`, symmetric contrast limits around 0.
 - The linked patch points: one point per patch of one magnification, in the slide
   layer's data frame (level-0 px) with ``scale = (mpp, mpp)``; point i is row i of
   :func:`patch_rows`, which is also the order of the scatter.
@@ -19,7 +19,7 @@ import pandas as pd
 from napari_dismm.errors import DismmError
 from napari_dismm.errors import SlideError
 from napari_dismm.tiling import magnification_to_mpp
-from napari_dismm.viewer.prediction_layers import (LayerData, _centres_yx, grid_for, magnifications_of, mean_grid,
+from napari_dismm.viewer.layers.prediction import (LayerData, _centres_yx, grid_for, magnifications_of, mean_grid,
                                                   world_frame)
 
 DIVERGING_COLORMAP = "PiYG"  # green (positive) = tumor attends more, pink (negative) = TME attends more

@@ -3,7 +3,7 @@
 Why on disk: the training loop must be exercised through the same files a real cohort
 comes in (cohort CSV, CLAM/TRIDENT-style feature h5 per magnification, an expression
 table, a GMT), so the synthetic run tests the reading code too. The planted layout itself
-(regions, hidden states, expression) is :mod:`training.synth_layout`; this module only
+(regions, hidden states, expression) is :mod:`training.synth.layout`; this module only
 writes it, plus the ground truth a test needs: ``truth.csv`` (hidden states and the
 slide's scanner mpp per patient) and ``regions.csv`` (the planted region of every patch,
 per magnification). It streams: each slide is written as soon as it is drawn, so a
@@ -24,7 +24,7 @@ import pandas as pd
 from napari_dismm.errors import DataError
 from napari_dismm.features.h5 import FeatureFile, write_features
 from napari_dismm.omics import load_gene_sets
-from training.synth_layout import (
+from training.synth.layout import (
     MAGNIFICATION_MPP,
     REGION_NAMES,
     SynthCohort,

@@ -13,8 +13,8 @@ import numpy as np
 from napari.layers import Image, Layer, Shapes
 
 from napari_dismm.viewer.colormaps import overlay_colormap
-from napari_dismm.viewer.layer_refill import pair_layers, refill, remember
-from napari_dismm.viewer.prediction_layers import display_grid, prediction_layer_data
+from napari_dismm.viewer.layers.refill import pair_layers, refill, remember
+from napari_dismm.viewer.layers.prediction import display_grid, prediction_layer_data
 
 #: the metadata kinds of a prediction's overlay layers
 PREDICTION_KINDS = ("attention", "ita", "ita_centres", "tissue", "patches")
@@ -32,7 +32,7 @@ def prediction_layers_in(viewer, slide_id: str | None = None) -> list[Layer]:
 def add_layer_tuples(viewer, tuples, *, prediction=None) -> list[Layer]:
     """Show prepared layer tuples in place of the same slide's previous prediction layers.
 
-    A shown overlay of the same kind is refilled (`layer_refill`: a second Run or a
+    A shown overlay of the same kind is refilled (`layers.refill`: a second Run or a
     magnification change costs no napari layer insert or removal); the rest are added,
     leftovers removed, and the slide's overlays end stacked in the tuples' order. Ends as
     napari's own adds do (the last layer alone selected: the patch points, whose hover
@@ -147,7 +147,7 @@ def region_polygons(shapes: Shapes, slide: Image) -> list[list[tuple[float, floa
     """A shapes layer's shapes as level-0 (x, y) polygons of the slide under it.
 
     Through the world frame, so a shapes layer drawn with any scale or translate works:
-    the slide layer's data coordinate is level-0 ``c - 0.5`` (see `prediction_layers`).
+    the slide layer's data coordinate is level-0 ``c - 0.5`` (see `layers.prediction`).
     Rectangles and polygons are used as drawn; an ellipse counts as its bounding box;
     lines and paths of fewer than three vertices have no area and are left out."""
     out = []

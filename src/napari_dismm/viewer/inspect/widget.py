@@ -35,10 +35,10 @@ from qtpy.QtWidgets import (QComboBox, QFormLayout, QHBoxLayout, QLabel, QLineEd
                             QSpinBox, QTabWidget, QVBoxLayout, QWidget)
 
 from napari_dismm.errors import DismmError
-from napari_dismm.viewer.inspect_layers import (difference_layer_data, gallery_indices, linked_points_data,
+from napari_dismm.viewer.inspect.layers import (difference_layer_data, gallery_indices, linked_points_data,
                                                 patch_centre_world, patch_rows, read_patch, relative_attention)
-from napari_dismm.viewer.inspect_views import PatchGallery, SubspaceScatter
-from napari_dismm.viewer.prediction_layers import magnifications_of, prediction_layer_data
+from napari_dismm.viewer.inspect.views import PatchGallery, SubspaceScatter
+from napari_dismm.viewer.layers.prediction import magnifications_of, prediction_layer_data
 
 INSPECT_KINDS = ("inspect_difference", "inspect_points", "inspect_teacher", "inspect_disagreement")
 SUBSPACE_COLUMNS = {"tumor": "tumor_attention", "TME": "tme_attention"}
@@ -369,7 +369,7 @@ class InspectWidget(QWidget):
             diff = rank_difference(merged, subspace)
             rows = merged[["x", "y", "width", "height", "magnification"]].assign(
                 tumor_attention=diff, tme_attention=diff)
-            from napari_dismm.viewer.prediction_layers import grid_for, mean_grid
+            from napari_dismm.viewer.layers.prediction import grid_for, mean_grid
 
             grid = grid_for(rows)
             raw = mean_grid(rows, diff, grid)

@@ -27,8 +27,8 @@ from napari_dismm.errors import DataError, ModelConfigError
 from napari_dismm.model.config import validate_common
 from napari_dismm.model.heads import TaskHead
 from napari_dismm.model.inputs import bag_steps, check_bags, mask_for
-from napari_dismm.model.mirror_encoders import RNAEncoder, SlideEncoder
-from napari_dismm.model.mirror_losses import (
+from napari_dismm.model.mirror.encoders import RNAEncoder, SlideEncoder
+from napari_dismm.model.mirror.losses import (
     alignment_loss,
     balanced_labels,
     gaussian_kl,

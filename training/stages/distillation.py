@@ -43,7 +43,7 @@ from napari_dismm.model.registry import build_model
 from training.dataset import Batch, SlideDataset, collate_bags
 from training.ddp import SINGLE, DistContext
 from training.engine import FoldOutcome, LoopSettings, iterate, predict, seed_for, train_fold
-from training.stage1 import FoldSetup, model_config
+from training.stages.supervised import FoldSetup, model_config
 
 
 @torch.no_grad()

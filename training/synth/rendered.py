@@ -1,12 +1,12 @@
 """The planted synthetic cohort rendered as slides, so slide -> features -> model is trained end to end.
 
-Why a second synthetic cohort: :mod:`training.synth_layout` plants its signal directly in
+Why a second synthetic cohort: :mod:`training.synth.layout` plants its signal directly in
 feature space, which tests the training code but not whether the real encoder sees the
 signal in pixels. Here each patient's hidden states (``tumor_state``, ``tme_state``; label
-``2 * tumor + tme`` as in ``synth_layout``) drive the sample-slide generator's appearance
+``2 * tumor + tme`` as in ``synth.layout``) drive the sample-slide generator's appearance
 (:func:`napari_dismm.slide.synthetic.state_appearance`), the slides go through
 :func:`napari_dismm.features.extract_cohort` with the real encoder, and the expression
-table comes from ``synth_layout``'s own generator over the shipped default gene sets.
+table comes from ``synth.layout``'s own generator over the shipped default gene sets.
 
 Layout of ``out_dir`` (everything is cached: a second call only fills what is missing)::
 
@@ -39,7 +39,7 @@ from napari_dismm.slide.synthetic import (
     state_appearance,
     write_sample_slide,
 )
-from training.synth_layout import CLASS_NAMES, SynthConfig, _expression, _survival, class_of
+from training.synth.layout import CLASS_NAMES, SynthConfig, _expression, _survival, class_of
 
 MAGNIFICATIONS = ("10x", "20x")
 #: Physical size of the default sample slide (8192 x 6144 px at 0.25 µm/px), so cohort slides
@@ -70,7 +70,7 @@ def planted_table(sample: SampleSlide, feature_files: dict[str, Path]) -> pd.Dat
 
 
 def _states(n: int, rng: np.random.Generator) -> np.ndarray:
-    """Balanced (tumor, tme) pairs, as synth_layout draws them."""
+    """Balanced (tumor, tme) pairs, as synth.layout draws them."""
     states = np.array([(i // 2 % 2, i % 2) for i in range(n)])
     return states[rng.permutation(n)]
 

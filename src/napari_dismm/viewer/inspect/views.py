@@ -2,7 +2,7 @@
 
 Both know nothing of napari: they report what the user did through callbacks
 (``on_brush(indices)``, ``on_click(row)``) and are told what to highlight, so the
-widget (:mod:`napari_dismm.viewer.inspect_widget`) links them to the slide.
+widget (:mod:`napari_dismm.viewer.inspect.widget`) links them to the slide.
 """
 
 from __future__ import annotations
