@@ -10,7 +10,7 @@ from napari_dismm.slide import open_slide
 from napari_dismm.slide.synthetic import load_sample_slide, sample_slide_path
 from napari_dismm.viewer.layers.slide import slide_layer_data
 from napari_dismm.viewer.layers.prediction import prediction_layer_data
-from tests.test_prediction_layers import _by_name, _layer
+from tests.viewer.test_prediction_layers import _by_name, _layer
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ from napari_dismm.tiling import make_grid, read_patches
 from napari_dismm.tissue import TissueParams, detect_tissue
 
 ENCODER = "efficientnet-lite0"
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ----------------------------------------------------------------------------- slides

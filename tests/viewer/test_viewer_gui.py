@@ -110,7 +110,7 @@ prefer_dynamic_layer_controls()  # as `dismm view` / `dismm demo` do, before nap
 from napari.settings import get_settings
 from qtpy.QtWidgets import QApplication
 from napari_dismm.viewer.layers.display import add_prediction_layers
-from tests.test_prediction_layers import make_prediction, patch_table
+from tests.viewer.test_prediction_layers import make_prediction, patch_table
 viewer = new_viewer(show=True)
 print("dynamic", get_settings().experimental.dynamic_layer_controls)
 pred = make_prediction(patch_table([
@@ -143,7 +143,7 @@ def test_dismm_viewers_build_layer_controls_on_selection(preset):
     env = {k: v for k, v in os.environ.items() if k != "NAPARI_EXPERIMENTAL_DYNAMIC_LAYER_CONTROLS"}
     if preset is not None:
         env["NAPARI_EXPERIMENTAL_DYNAMIC_LAYER_CONTROLS"] = preset
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])
     result = subprocess.run([sys.executable, "-c", _DYNAMIC_CONTROLS_SCRIPT.format(root=root)],
                             capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr

@@ -10,7 +10,7 @@ from napari.layers import Layer
 
 from napari_dismm.viewer.layers.refill import pair_layers, refill, remember, same
 from napari_dismm.viewer.layers.prediction import prediction_layer_data
-from tests.test_prediction_layers import make_prediction, patch_table
+from tests.viewer.test_prediction_layers import make_prediction, patch_table
 
 
 @pytest.mark.parametrize(("old", "new", "expected"), [

@@ -10,7 +10,7 @@ from napari_dismm.errors import DismmError
 from napari_dismm.predict import BundleMismatchError
 from napari_dismm.viewer.bundle_reader import is_bundle, read_bundle_layers
 from napari_dismm.viewer.layers.prediction import prediction_layer_data
-from tests.test_prediction_layers import make_prediction, patch_table
+from tests.viewer.test_prediction_layers import make_prediction, patch_table
 
 ROWS = [{"x": 448 * i, "y": 448 * j, "width": 448, "height": 448, "tumor_attention": (i + 1) * (j + 1),
          "tme_attention": 1.0, "ita_cluster": (i + j) % 2, "ita_centre": i == j == 0}

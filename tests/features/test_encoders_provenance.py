@@ -19,7 +19,7 @@ from napari_dismm.errors import ModelConfigError
 from napari_dismm.features.encoders import get_encoder
 from napari_dismm.features.encoders.provenance import check_same_encoder, model_record
 from napari_dismm.features.h5 import FeatureFile, read_features, write_features
-from tests.test_encoders_recipes import kaiko_file  # noqa: F401  (fixture)
+from tests.features.test_encoders_recipes import kaiko_file  # noqa: F401  (fixture)
 from tests.test_predict import save_random
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from napari_dismm.errors import DataError
 from napari_dismm.omics import ExpressionNormaliser, load_gene_sets, load_omics, read_expression
-from tests.test_omics_expression import write_gmt
+from tests.omics.test_omics_expression import write_gmt
 
 datasets = pytest.importorskip("sksurv.datasets")
 

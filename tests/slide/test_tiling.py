@@ -27,7 +27,7 @@ from napari_dismm.tiling import (
     resize_patch,
 )
 from napari_dismm.tissue import detect_tissue, require_tissue
-from tests.test_tissue import _exact_fraction
+from tests.slide.test_tissue import _exact_fraction
 
 BACKGROUND = (242, 242, 240)
 

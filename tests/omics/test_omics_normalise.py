@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from napari_dismm.errors import DataError, DismmWarning, ModelConfigError
 from napari_dismm.omics import ExpressionNormaliser, load_omics
 from napari_dismm.omics.expression import ExpressionTable
-from tests.test_omics_expression import write_gmt, write_table
+from tests.omics.test_omics_expression import write_gmt, write_table
 
 
 def table(patients, genes, values) -> ExpressionTable:

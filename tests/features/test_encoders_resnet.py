@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from napari_dismm.errors import ModelConfigError
 from napari_dismm.features.encoders import get_encoder
-from tests.test_encoders_recipes import he_crops  # noqa: F401  (fixture)
+from tests.features.test_encoders_recipes import he_crops  # noqa: F401  (fixture)
 
 
 def torchvision_resnet50_state(seed: int = 0) -> dict[str, torch.Tensor]:

@@ -8,7 +8,7 @@ import pytest
 from napari_dismm.errors import DismmError
 from napari_dismm.viewer.colormaps import ALPHA_FULL_AT, PERCEPTUAL, alpha_ramp, overlay_colormap
 from napari_dismm.viewer.layers.prediction import prediction_layer_data
-from tests.test_prediction_layers import make_prediction, patch_table
+from tests.viewer.test_prediction_layers import make_prediction, patch_table
 
 
 @pytest.mark.parametrize("name", PERCEPTUAL)

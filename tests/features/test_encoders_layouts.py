@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from napari_dismm.errors import ModelConfigError
 from napari_dismm.features.encoders import encoder_from_recipe, get_recipe
-from tests.test_encoders_recipes import CARDS, _randomise, hf_state
+from tests.features.test_encoders_recipes import CARDS, _randomise, hf_state
 
 KAIKO = get_recipe("kaiko-vitb16").reduced(depth=2)
 PHIKON = get_recipe("phikon").reduced(depth=2)

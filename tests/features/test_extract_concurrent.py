@@ -17,9 +17,9 @@ import numpy as np
 
 from napari_dismm.features.cohort import extract_cohort
 from napari_dismm.features.h5 import read_features
-from tests.test_extract import he_image, write_slide
+from tests.features.test_extract import he_image, write_slide
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO / 'src'}:{REPO}"}
 
 

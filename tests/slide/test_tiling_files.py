@@ -11,7 +11,7 @@ from napari_dismm.errors import DismmWarning, SlideError, UnknownMppError
 from napari_dismm.slide import open_slide, write_sample_slide
 from napari_dismm.tiling import iter_patch_batches, make_grid, read_patches, resize_patch
 from napari_dismm.tissue import detect_tissue, require_tissue
-from tests.test_tissue import _exact_fraction
+from tests.slide.test_tissue import _exact_fraction
 
 #: Odd sizes: level 1 is 1792 x 1344 (ds 2.0006 / 2.0007), level 2 896 x 672 (ds 4.0011 / 4.0015).
 ODD_SIZE = (3585, 2689)

@@ -207,7 +207,7 @@ def test_refusals_without_a_worker(setup, messages, tmp_path):
 
 
 def test_bundle_from_another_slide_is_refused(setup, messages, files, tmp_path):
-    from tests.test_prediction_layers import make_prediction, patch_table
+    from tests.viewer.test_prediction_layers import make_prediction, patch_table
 
     viewer, widget = setup()
     pred = make_prediction(patch_table([{"x": 0, "y": 0, "width": 448, "height": 448, "tumor_attention": 1.0}]),
@@ -229,7 +229,7 @@ def test_reader_tuples_add_and_fill_the_panel(setup, tmp_path):
     from napari.layers import Layer
 
     from napari_dismm.viewer.bundle_reader import read_bundle_layers
-    from tests.test_prediction_layers import make_prediction, patch_table
+    from tests.viewer.test_prediction_layers import make_prediction, patch_table
 
     viewer, widget = setup()
     pred = make_prediction(patch_table([{"x": 0, "y": 0, "width": 448, "height": 448, "tumor_attention": 1.0}]),
@@ -248,7 +248,7 @@ def test_add_layer_tuples_selects_once_and_refills(make_napari_viewer):
     overlays in place, and leaves napari's select-on-insert on even when an add fails."""
     from napari_dismm.viewer.layers.prediction import prediction_layer_data
     from napari_dismm.viewer.layers.display import add_layer_tuples
-    from tests.test_prediction_layers import make_prediction, patch_table
+    from tests.viewer.test_prediction_layers import make_prediction, patch_table
 
     viewer = make_napari_viewer(show=True)
     viewer.add_image(np.zeros((4, 4), np.float32), name="unrelated")
@@ -278,7 +278,7 @@ def test_add_layer_tuples_selects_once_and_refills(make_napari_viewer):
 
 def two_magnification_prediction(seed: int):
     """A 3 x 3 block of 20x patches under 10x patches (two magnifications, random scores)."""
-    from tests.test_prediction_layers import make_prediction, patch_table
+    from tests.viewer.test_prediction_layers import make_prediction, patch_table
 
     rng = np.random.default_rng(seed)
     rows = []

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.test_prediction_layers import make_prediction, patch_table
+from tests.viewer.test_prediction_layers import make_prediction, patch_table
 
 pytestmark = pytest.mark.gui
 

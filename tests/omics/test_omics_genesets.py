@@ -14,7 +14,7 @@ from napari_dismm.omics.gmt import GeneSet, parse_gmt
 from napari_dismm.omics.symbols import ESTIMATE_RENAMES, identifier_kind
 from tests.conftest import GENESETS
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 HALLMARK_TUMOR = ("HALLMARK_E2F_TARGETS", "HALLMARK_G2M_CHECKPOINT", "HALLMARK_MYC_TARGETS_V1")
 # SOURCES.md: tumour Hallmark sets and Hallmark TME sets share these 20 genes; TGFB1 is also
 # in ESTIMATE's ImmuneSignature.

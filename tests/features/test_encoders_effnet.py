@@ -18,7 +18,7 @@ from napari_dismm.features.encoders.build import build_model
 from napari_dismm.features.encoders.layouts import LITE0_REPEATS
 from napari_dismm.features.encoders.loading import mapped_for
 from napari_dismm.features.encoders.weights import fit_problems, read_state_dict
-from tests.test_encoders_recipes import he_crops  # noqa: F401  (fixture)
+from tests.features.test_encoders_recipes import he_crops  # noqa: F401  (fixture)
 
 IMAGENET_CATS = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))

@@ -12,7 +12,7 @@ import pytest
 from napari_dismm.errors import DismmError
 from napari_dismm.features.cohort import collect_slides, extract_cohort
 from napari_dismm.features.h5 import read_features
-from tests.test_extract import encoder, he_image, slide_dir, write_slide  # noqa: F401 - fixtures
+from tests.features.test_extract import encoder, he_image, slide_dir, write_slide  # noqa: F401 - fixtures
 
 MAGS = ["10x"]
 
