@@ -131,7 +131,9 @@ class ModelSettings:
                              "modes lost beyond ~10k patches)", choices=CANDIDATES)
     ita_anchors: int = _f(2048, "ITA: patches sampled per bag for the centres (exact DPC-kNN up to this bag size; "
                           "time and memory grow with its square)", lo=2)
-    combine: str = _f("max_confidence", "how the magnifications' predictions are combined", choices=COMBINE_RULES)
+    combine: str = _f("mean", "how the magnifications' predictions are combined: the mean of their probabilities "
+                      "(hazards for survival), or the reference's per-sample most confident magnification (chosen on "
+                      "the planted regimes: mean was as good or better for every model, README)", choices=COMBINE_RULES)
 
     def __post_init__(self) -> None:
         _check(self, "model")

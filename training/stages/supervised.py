@@ -3,9 +3,10 @@
 Teacher loss per step, documented choice:
     L = L_task(combined logits) + mean over magnifications of L_task(logits at m)
         + dev_weight * L_DEV   (from epoch ``dev_warmup`` on)
-The combined logits (max confidence) pass each sample's gradient to one magnification
-only; the per-magnification terms keep both magnifications' heads trained, which the
-combination rule and DEV rely on. CGC (``model.cgc.CGCStep``) acts on every fusion head
+The combined logits are the mean of the magnifications' probabilities by default (``[model]
+combine``); under the reference's max confidence they pass each sample's gradient to one
+magnification only. The per-magnification terms keep both magnifications' heads trained,
+which either rule and DEV rely on. CGC (``model.cgc.CGCStep``) acts on every fusion head
 between backward and the optimizer step. ABMIL and late fusion use the same loss without
 DEV and CGC (they have no subspaces), through the same engine.
 
