@@ -106,7 +106,7 @@ def test_teacher_attention_separates_the_planted_regions(attention_aurocs):
     in the prediction, DEV and CGC off by default, chosen on planted regimes where DEV cost the
     maps of slide-only cohorts): 0.884 / 0.903 on this cohort, whose genes carry the state, the
     regime where DEV helps the maps (README, Planted regimes); with the gene gates (model format
-    4) 0.918 / 0.900; with the magnifications' probabilities averaged (issue 13) 0.912 / 0.906.
+    4) 0.918 / 0.900 (with the magnifications' probabilities averaged, not the default, 0.912 / 0.906).
     A detector that knows the planted directions reaches 0.92 per patch from tissue type alone, 0.98 with the state."""
     teacher = attention_aurocs["teacher"]
     assert teacher["tumor", "tumor"] >= 0.85 and teacher["tme", "tme"] >= 0.85
@@ -122,16 +122,14 @@ def test_student_without_genes_keeps_the_teachers_maps(attention_aurocs):
     CGC off; its own maps 0.884 / 0.903 here): 0.798 / 0.826, and each map on the other's
     region 0.681 / 0.613 (teacher 0.426 / 0.385): the student's maps separate less than before.
     From the gated teacher (format 4, 0.918 / 0.900): 0.787 / 0.785, on the other's region 0.655 /
-    0.646 (a student that draws its dropout masks in another order measured 0.777). With the
-    magnifications combined by the mean of their probabilities (issue 13; teacher 0.912 /
-    0.906): 0.761 / 0.765, on the other's region 0.621 / 0.570. Across the planted regimes'
-    choice seeds the mean moved the student's maps by +0.010 / -0.002 on average (-0.05 to
-    +0.06 per cohort): on this cohort it is the low end, so the floor is 0.75, with the
-    teacher-relative clause beside it."""
+    0.646 — close to the 0.78 floor (a student that draws its dropout masks in another order
+    measured 0.777: the floor is within seed noise of what this cohort gives). Teacher and
+    student combining their magnifications by the mean of the probabilities instead (issue 13,
+    not the default): teacher 0.912 / 0.906, student 0.761 / 0.765."""
     student, teacher = attention_aurocs["student"], attention_aurocs["teacher"]
     for u, other in (("tumor", "tme"), ("tme", "tumor")):
-        # "most of it": at least 0.75, and more than half of the teacher's margin over chance
-        assert student[u, u] >= 0.75 and student[u, u] - 0.5 > 0.5 * (teacher[u, u] - 0.5)
+        # "most of it": at least 0.78, and more than half of the teacher's margin over chance
+        assert student[u, u] >= 0.78 and student[u, u] - 0.5 > 0.5 * (teacher[u, u] - 0.5)
         # the two maps separate: each ranks its own region well above the other's
         assert student[u, other] <= student[u, u] - 0.1
 
@@ -155,7 +153,8 @@ def test_survival_teacher_c_index(tmp_path_factory):
     agreed (spatial context on: 0.742 / 0.816 / 0.771; off: 0.793 / 0.789 / 0.758). With the
     issue-13 defaults (genes in the prediction, DEV and CGC off): 0.768 / 0.747 / 0.725, mean
     0.747 (oracle 0.81-0.85) against 0.776 before: lower, within the spread named above. With
-    the magnifications' hazards averaged (issue 13): 0.773 / 0.738 / 0.788, mean 0.766."""
+    the gene gates (format 4): 0.795 / 0.703 / 0.783, mean 0.760; with the magnifications'
+    hazards averaged (not the default): 0.773 / 0.738 / 0.788, mean 0.766."""
     means = []
     for seed in (0, 1, 2):
         files, run, summary = _train(tmp_path_factory.mktemp(f"planted_surv{seed}"), "survival", ["teacher"], seed=seed)

@@ -17,10 +17,10 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 # the documented defaults, shorter: 64 patients (the regimes' size), 3 folds, 20 epochs. At 48
 # patients a test fold has 16 patients and a validation part ~6, and one fold in which the
 # teacher had not read the genes yet by epoch 20 decided the mean: on the genes regime, cohort
-# seeds 5-8, the teacher lost a fold on two seeds of four under either combine rule (mean
-# 0.849 / 0.958 / 1.000 / 0.995, max confidence 1.000 / 0.776 / 1.000 / 0.849; expression
-# alone 0.984-1.000). At 64 patients, mean: 0.989 / 0.979 / 1.000 (seeds 5, 6, 8) against
-# 0.986 / 0.992 / 1.000; max confidence 0.994 / 0.955 / 0.989.
+# seeds 5-8, the teacher lost a fold on two seeds of four (max confidence 1.000 / 0.776 / 1.000 /
+# 0.849; with the magnifications' probabilities averaged 0.849 / 0.958 / 1.000 / 0.995;
+# expression alone 0.984-1.000). At 64 patients, seeds 5, 6, 8: 0.994 / 0.955 / 0.989 (mean:
+# 0.989 / 0.979 / 1.000) against 0.986 / 0.992 / 1.000.
 CONFIG = {"model": {"d": 64}, "teacher": {"epochs": 20}, "baselines": {"epochs": 20}}
 CASES = {
     # regime -> the single-modality model the teacher must match

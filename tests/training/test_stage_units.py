@@ -165,3 +165,14 @@ def test_naming_by_teacher_undoes_a_swap_and_leaves_agreeing_names(setup):
     assert swapped == ["20x"] and agreement["20x"]["swapped"] == pytest.approx(1.0)
     assert agreement["20x"]["as_named"] < agreement["20x"]["swapped"]
     assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), reference.state_dict().values()))
+
+
+def test_baselines_combine_by_the_mean_and_dismm_models_by_the_reference_rule(setup):
+    """``[baselines] combine`` (mean) reaches ABMIL and late fusion, ``[model] combine`` (max
+    confidence) the teacher and the student (issue 13: README, Combining the magnifications)."""
+    assert (setup.cfg.model.combine, setup.cfg.baselines.combine) == ("max_confidence", "mean")
+    for kind, rule in (("teacher", "max_confidence"), ("student", "max_confidence"), ("abmil", "mean"),
+                       ("late_fusion", "mean")):
+        config = model_config(kind, setup)
+        assert config["combine"] == rule, kind
+        assert build_model(config).config.combine == rule

@@ -3,10 +3,11 @@
 Teacher loss per step, documented choice:
     L = L_task(combined logits) + mean over magnifications of L_task(logits at m)
         + dev_weight * L_DEV   (from epoch ``dev_warmup`` on)
-The combined logits are the mean of the magnifications' probabilities by default (``[model]
-combine``); under the reference's max confidence they pass each sample's gradient to one
-magnification only. The per-magnification terms keep both magnifications' heads trained,
-which either rule and DEV rely on. CGC (``model.cgc.CGCStep``) acts on every fusion head
+The combined logits follow ``combine`` (the teacher: ``[model] combine``, the reference's max
+confidence by default, which passes each sample's gradient to one magnification; ABMIL and
+late fusion: ``[baselines] combine``, the mean of the probabilities by default). The
+per-magnification terms keep both magnifications' heads trained, which either rule and DEV
+rely on. CGC (``model.cgc.CGCStep``) acts on every fusion head
 between backward and the optimizer step. ABMIL and late fusion use the same loss without
 DEV and CGC (they have no subspaces), through the same engine.
 
@@ -141,9 +142,9 @@ def model_config(kind: str, setup: FoldSetup, *, cgc: bool = True, dev_weight: f
                     "membership_scale": m.ita_membership_scale, "candidates": m.ita_candidates,
                     "n_anchors": m.ita_anchors}
         case "abmil":
-            return {**common, "dropout": m.dropout}
+            return {**common, "dropout": m.dropout, "combine": setup.cfg.baselines.combine}
         case "late_fusion" | "genes_only":
-            return {**common, **genes, "dropout": m.dropout}
+            return {**common, **genes, "dropout": m.dropout, "combine": setup.cfg.baselines.combine}
     raise ValueError(kind)
 
 
