@@ -19,18 +19,22 @@ GUI = {"napari", "qtpy", "PyQt5", "PyQt6", "PySide2", "PySide6", "magicgui", "su
 MODEL_ALLOWED = {"torch", "numpy", "einops", "safetensors", "napari_dismm"} | set(sys.stdlib_module_names)
 
 
+def imports(path: Path) -> list[tuple[str, int]]:
+    """Every absolute import in ``path`` as (module name, line), in the order they stand."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.append((node.module, node.lineno))
+    return found
+
+
 def imported_roots(path: Path) -> dict[str, int]:
     """Top-level module name of every import in ``path`` -> first line it appears on."""
     roots: dict[str, int] = {}
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names = [node.module]
-        else:
-            continue
-        for name in names:
-            roots.setdefault(name.split(".")[0], node.lineno)
+    for name, line in imports(path):
+        roots.setdefault(name.split(".")[0], line)
     return roots
 
 
@@ -67,10 +71,7 @@ def test_the_package_never_imports_training() -> None:
 def test_model_imports_no_other_part_of_the_package() -> None:
     """model/ may import napari_dismm, but only napari_dismm.model and napari_dismm.errors
     (the domain exceptions): not slide reading, features or omics."""
-    found = []
-    for path in sources(PACKAGE / "model"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and node.module.startswith("napari_dismm"):
-                if not node.module.startswith(("napari_dismm.model", "napari_dismm.errors")):
-                    found.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.module}")
+    found = [f"{path.relative_to(PACKAGE)}:{line} {name}" for path in sources(PACKAGE / "model")
+             for name, line in imports(path)
+             if name.split(".")[0] == "napari_dismm" and not name.startswith(("napari_dismm.model", "napari_dismm.errors"))]
     assert not found, found

@@ -429,6 +429,13 @@ def fit_normaliser(cohort: Cohort, patients: Sequence[str], *, log1p: bool = Tru
     return ExpressionNormaliser(log1p=log1p).fit(train, cohort.gene_sets)
 
 
+def saved_bin_edges(document: dict) -> np.ndarray | None:
+    """A saved model's survival bin edges (``best/config.json``; strict JSON keeps the open last
+    edge as null, read back as infinity), or None for a model without them."""
+    edges = document.get("bin_edges")
+    return None if edges is None else np.array([np.inf if e is None else e for e in edges], dtype=float)
+
+
 def fit_bin_edges(cohort: Cohort, patients: Sequence[str], *, n_bins: int = 4) -> np.ndarray:
     """Survival bin edges from the event times of these (training) patients, one per patient."""
     times, events = cohort.survival(list(dict.fromkeys(patients)))

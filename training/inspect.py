@@ -38,7 +38,7 @@ from napari_dismm.model.checkpoint import load_model
 from napari_dismm.omics import ExpressionNormaliser
 from training.cohort import Cohort, load_cohort
 from training.config import load_config
-from training.dataset import BagCache, SlideDataset, collate_bags
+from training.dataset import BagCache, SlideDataset, collate_bags, saved_bin_edges
 from training.run import CONFIG_FILE, KNOWN, SPLIT_FILE
 from training.splits import Split
 
@@ -165,8 +165,7 @@ def inspect_run(
                     raise DataError(f"{name} reads expression: pass the run's expression table")
                 norm = ExpressionNormaliser.from_dict(doc["normaliser"])
             dataset = SlideDataset(cohort=cohort, patients=split.folds[k].test, normaliser=norm, cache=cache,
-                                   bin_edges=np.asarray([math.inf if e is None else e for e in doc["bin_edges"]])
-                                   if task == "survival" else None)
+                                   bin_edges=saved_bin_edges(doc) if task == "survival" else None)
             outputs = fold_outputs(model, dataset)
             if not outputs.features or not all(set(SUBSPACES) <= set(per) for per in outputs.features.values()):
                 say(f"{name}: no tumor/TME features (kind {kind}); skipped")

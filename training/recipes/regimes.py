@@ -16,14 +16,13 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from napari_dismm.model.checkpoint import load_model
 from napari_dismm.omics import ExpressionNormaliser
 from training.cohort import load_cohort
 from training.config import config_from_dict
-from training.dataset import SlideDataset
+from training.dataset import SlideDataset, saved_bin_edges
 from training.engine import main_metric, predict
 from training.run import fold_attention_auroc, run_training
 from training.splits import Split
@@ -45,10 +44,8 @@ def held_out_map_auroc(files, run: Path, model_name: str, task: str, folds=None)
             continue
         model, doc = load_model(run / model_name / f"fold_{k}" / "best")
         norm = ExpressionNormaliser.from_dict(doc["normaliser"]) if doc.get("normaliser") else None
-        edges = doc.get("bin_edges")  # survival: the fold's bins (JSON keeps an open last edge as null)
-        edges = None if edges is None else np.array([np.inf if e is None else e for e in edges], dtype=float)
-        pred = predict(model, SlideDataset(cohort=cohort, patients=fold.test, normaliser=norm, bin_edges=edges),
-                       attention=True)
+        pred = predict(model, SlideDataset(cohort=cohort, patients=fold.test, normaliser=norm,
+                                           bin_edges=saved_bin_edges(doc)), attention=True)
         maps += pred.attention
         truth += [{m: g["region"].to_numpy() for m, g in regions[regions.slide_id == s].groupby("magnification")}
                   for s in pred.slide_ids]
