@@ -23,9 +23,10 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 # 0.989 / 0.979 / 1.000) against 0.986 / 0.992 / 1.000.
 CONFIG = {"model": {"d": 64}, "teacher": {"epochs": 20}, "baselines": {"epochs": 20}}
 CASES = {
-    # regime -> the single-modality model the teacher must match
-    "genes": "genes_only",
-    "slide": "abmil",
+    # regime -> the single-modality models the teacher must match (the linear probe on
+    # mean-pooled patch features is the stronger WSI-only model wherever the signal is spread)
+    "genes": ("genes_only",),
+    "slide": ("abmil", "meanpool_probe"),
 }
 
 
@@ -33,7 +34,7 @@ CASES = {
 def regime(request, tmp_path_factory):
     name = request.param
     rows = run_regime(tmp_path_factory.mktemp(f"regime_{name}"), regime=name, seed=5, n_patients=64,
-                      models=["teacher", CASES[name]], config=CONFIG, maps=False, label_from="tumor")
+                      models=["teacher", *CASES[name]], config=CONFIG, maps=False, label_from="tumor")
     print(f"\n{name} regime: " + ", ".join(f"{m} AUC {r['auc']:.3f} accuracy {r['accuracy']:.3f}"
                                            for m, r in rows.items()))
     return name, rows
@@ -42,7 +43,8 @@ def regime(request, tmp_path_factory):
 @pytest.mark.slow
 def test_teacher_matches_the_modality_that_carries_the_label(regime):
     name, rows = regime
-    assert rows["teacher"]["auc"] >= rows[CASES[name]]["auc"] - 0.02
+    best = max(rows[m]["auc"] for m in CASES[name])
+    assert rows["teacher"]["auc"] >= best - 0.02, rows
 
 
 @pytest.mark.slow

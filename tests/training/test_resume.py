@@ -1,5 +1,6 @@
 """A run killed after its first epoch checkpoint and started again ends exactly like an
-uninterrupted run (same metrics, same history, same best weights)."""
+uninterrupted run (same metrics, same history, same best weights), also when the fold keeps
+the moving average of its weights ([cv] weight_ema)."""
 
 from __future__ import annotations
 
@@ -31,9 +32,9 @@ run_training(cohort_csv=root + "/cohort.csv", expression=root + "/expression.tsv
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _start(root: Path, out: Path) -> subprocess.Popen:
+def _start(root: Path, out: Path, config: dict = CONFIG) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO}"}
-    return subprocess.Popen([sys.executable, "-c", DRIVER, str(root), str(out), json.dumps(CONFIG)],
+    return subprocess.Popen([sys.executable, "-c", DRIVER, str(root), str(out), json.dumps(config)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -43,12 +44,14 @@ def _finish(proc: subprocess.Popen) -> None:
 
 
 @pytest.mark.slow
-def test_killed_and_resumed_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("weight_ema", [0.0, 0.9], ids=["last_weights", "weight_average"])
+def test_killed_and_resumed_equals_uninterrupted(tmp_path, weight_ema):
+    config = {**CONFIG, "cv": {**CONFIG["cv"], "weight_ema": weight_ema}}
     files = write_cohort(tmp_path / "cohort", n_patients=16, feature_dim=8)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    reference = _start(files.root, straight)
+    reference = _start(files.root, straight, config)
 
-    proc = _start(files.root, resumed)
+    proc = _start(files.root, resumed, config)
     state = resumed / "teacher" / "fold_0" / "checkpoint" / "state.safetensors"
     deadline = time.monotonic() + 240
     while not state.exists():
@@ -64,7 +67,7 @@ def test_killed_and_resumed_equals_uninterrupted(tmp_path):
         epochs_done = json.loads(handle.metadata()["scalars"])["epoch"]
     assert 1 <= epochs_done < CONFIG["teacher"]["epochs"]
 
-    _finish(_start(files.root, resumed))
+    _finish(_start(files.root, resumed, config))
     _finish(reference)
     for k in range(2):
         a, b = straight / "teacher" / f"fold_{k}", resumed / "teacher" / f"fold_{k}"

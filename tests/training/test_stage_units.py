@@ -176,3 +176,34 @@ def test_baselines_combine_by_the_mean_and_dismm_models_by_the_reference_rule(se
         config = model_config(kind, setup)
         assert config["combine"] == rule, kind
         assert build_model(config).config.combine == rule
+
+
+def test_weight_ema_keeps_the_moving_average_of_the_weights(tmp_path):
+    """With ``[cv] weight_ema`` the fold keeps (and validation judges) the moving average of
+    the weights, not the last step's; the checkpoint carries both so a resume can go on."""
+    from safetensors.torch import load_file
+
+    from training.run import run_training
+
+    files = write_cohort(tmp_path / "cohort", n_patients=16, feature_dim=8)
+    kept = {}
+    for decay in (0.0, 0.9):
+        out = tmp_path / f"run_{decay}"
+        cfg = config_from_dict({"model": {"d": 16}, "data": {"batch_size": 2}, "cv": {"folds": 2, "weight_ema": decay},
+                                "baselines": {"epochs": 1, "patience": 0}})
+        run_training(cohort_csv=files.csv, expression=files.expression, gene_sets=files.gmt, task="classification",
+                     out=out, config=cfg, models=["abmil"], log=None)
+        fold = out / "abmil" / "fold_0"
+        best = load_file(str(fold / "best" / "model.safetensors"))
+        state = load_file(str(fold / "checkpoint" / "state.safetensors"))
+        last = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+        average = {k[len("average.module."):]: v for k, v in state.items() if k.startswith("average.module.")}
+        assert best.keys() == last.keys()
+        if decay:  # one epoch: the selected state is the average after it, which is not the last step's
+            assert average.keys() == best.keys()
+            assert all(torch.equal(best[k], average[k]) for k in best)
+            assert any(not torch.equal(best[k], last[k]) for k in best)
+        else:
+            assert not average and all(torch.equal(best[k], last[k]) for k in best)
+        kept[decay] = best
+    assert any(not torch.equal(kept[0.0][k], kept[0.9][k]) for k in kept[0.0])

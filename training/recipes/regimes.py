@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--models", nargs="+", default=["teacher", "abmil", "late_fusion", "genes_only"])
+    parser.add_argument("--models", nargs="+",
+                        default=["teacher", "abmil", "late_fusion", "genes_only", "meanpool_probe"])
     parser.add_argument("--config", type=str, default="{}", help="training config as JSON (sections as in TOML)")
     parser.add_argument("--task", default="classification")
     parser.add_argument("--patients", type=int, default=64)

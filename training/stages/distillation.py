@@ -167,7 +167,7 @@ def train_student_fold(
             student.set_subspace_prototypes(per["tumor"], per["tme"], magnification=mag)
     s = cfg.student
     settings = LoopSettings(s.epochs, s.lr, s.weight_decay, s.patience, cfg.data.batch_size, cfg.cv.select_on,
-                            cfg.cv.seed)
+                            cfg.cv.seed, cfg.cv.weight_ema)
     objective = DistillationObjective(teacher, task=setup.task, class_weights=setup.class_weights,
                                       temperature=s.temperature, lambda_kd=s.lambda_kd, lambda_f=s.lambda_f,
                                       lambda_att=s.lambda_att)

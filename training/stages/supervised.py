@@ -213,12 +213,12 @@ def train_supervised_fold(
         dev_weight = cfg.teacher.dev_weight if dev_weight is None else dev_weight
         section = cfg.teacher
         settings = LoopSettings(section.epochs, section.lr, section.weight_decay, section.patience,
-                                cfg.data.batch_size, cfg.cv.select_on, cfg.cv.seed)
+                                cfg.data.batch_size, cfg.cv.select_on, cfg.cv.seed, cfg.cv.weight_ema)
     else:
         cgc, dev_weight = False, 0.0
         b = cfg.baselines
         settings = LoopSettings(b.epochs, b.lr, cfg.teacher.weight_decay, b.patience, cfg.data.batch_size,
-                                cfg.cv.select_on, cfg.cv.seed)
+                                cfg.cv.select_on, cfg.cv.seed, cfg.cv.weight_ema)
     torch.manual_seed(seed_for(cfg.cv.seed, name, setup.index, "init"))
     model = build_model(model_config(kind, setup, cgc=cgc, dev_weight=dev_weight, subspace_split=subspace_split,
                                      spatial_context=spatial_context))
