@@ -97,9 +97,10 @@ class LoopSettings:
 
 def weight_average(model: nn.Module, decay: float) -> AveragedModel | None:
     """The exponential moving average of ``model``'s parameters (buffers stay as they are
-    when it is made), or None for ``decay`` 0. Why: with ~40 training patients a step moves
-    the validation AUC by +-0.2 from one epoch to the next, and selection then picks a lucky
-    epoch; the average is the smoother model validation judges and the fold keeps (README)."""
+    when it is made), or None for ``decay`` 0. Why: with ~40 training patients the validation
+    AUC can jump by 0.4 between epochs and selection picks a lucky one; the average is a
+    smoother model for validation to judge and the fold to keep. Off by default: the decay
+    counts steps, so its horizon depends on the cohort's size (README)."""
     if not decay:
         return None
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
