@@ -174,6 +174,9 @@ class TeacherSettings:
                          "that starts at 0, so the slide is read before the genes can memorise patients")
     slide_aux_weight: float = _f(1.0, "weight of the task loss of the slide-only head (keeps the attention maps "
                                  "finding the label's patches once the head reads the genes; 0 = no such head)", lo=0)
+    probes: bool = _f(True, "frozen linear paths (logistic regressions on the mean patch features of all "
+                      "magnifications and on the genes, penalty chosen on validation) whose logits the teacher "
+                      "adds to its own; the attention learns what they miss (model/probes.py)")
     patience: int = _f(10, "epochs without validation improvement before stopping (0 = never stop early)", lo=0)
 
     def __post_init__(self) -> None:
@@ -194,6 +197,9 @@ class StudentSettings:
     temperature: float = _f(2.0, "distillation temperature T", lo=0, lo_open=True)
     name_by_teacher: bool = _f(True, "after training, name the student's tumor / TME maps by which pairing agrees "
                                "more with the teacher's maps on the training patients (training/stages/distillation.py)")
+    probes: bool = _f(True, "a frozen linear path (logistic regression on the mean patch features of every "
+                      "magnification, penalty chosen on validation) whose logits the student adds to its own "
+                      "(model/probes.py)")
     patience: int = _f(15, "epochs without validation improvement before stopping (0 = never stop early)", lo=0)
 
     def __post_init__(self) -> None:

@@ -42,6 +42,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from napari_dismm.errors import DataError, DismmWarning
 from napari_dismm.model.checkpoint import save_model
+from napari_dismm.model.probes import own_outputs
 from napari_dismm.model.losses import task_loss
 from training.dataset import Batch, FoldData, SlideDataset, collate_bags
 from training.ddp import SINGLE, DistContext, all_reduce_mean, barrier, epoch_batches, wrap
@@ -146,16 +147,17 @@ def iterate(dataset: SlideDataset, batch_size: int) -> list[list[int]]:
 @torch.no_grad()
 def predict(
     model: nn.Module, dataset: SlideDataset, *, batch_size: int = 8, device: torch.device | str = "cpu",
-    attention: bool = False,
+    attention: bool = False, own: bool = False,
 ) -> Predictions:
-    """Eval-mode forward over whole bags (no subsampling), in dataset order."""
+    """Eval-mode forward over whole bags (no subsampling), in dataset order. ``own``: a
+    model's own outputs, without its frozen probes (model/probes.py), as training reads them."""
     was_training = model.training
     model.eval()
     rows: dict[str, list[Any]] = {k: [] for k in ("logits", "target", "probabilities", "risk", "survival", "event", "time")}
     slides, patients, maps = [], [], []
     for idx in iterate(dataset, batch_size):
         batch = collate_bags([dataset[i] for i in idx]).to(device)
-        out = model(batch.bags, **batch.model_kwargs())
+        out = model(batch.bags, **batch.model_kwargs(), **(own_outputs(model) if own else {}))
         slides += batch.slide_ids
         patients += batch.patient_ids
         rows["logits"].append(out.logits.float().cpu())
@@ -410,7 +412,9 @@ def _epochs(*, net, model, objective, data, settings, name, fold, info, best, op
                 sums[key] = sums.get(key, 0.0) + value / len(steps)
             if bar is not None:
                 bar.set_postfix_str(f"epoch {epoch + 1}: step {step + 1}/{len(steps)} loss {float(loss.detach()):.3f}")
-        val = predict(judged, data.val, batch_size=settings.batch_size, device=device)
+        # selection judges the part the loop trains: a model's probes are fixed, and judged with
+        # them the epoch was chosen before the attention had learnt (README, probes)
+        val = predict(judged, data.val, batch_size=settings.batch_size, device=device, own=True)
         val_loss = prediction_loss(val, task=task, class_weights=class_weights)
         val_metric = score(val, task=task)[metric]
         row = {"epoch": epoch + 1, **{f"train_{k}": all_reduce_mean(v, ctx) for k, v in sums.items()},

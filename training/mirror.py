@@ -38,16 +38,25 @@ from torch import Tensor
 
 from napari_dismm.errors import DataError, ModelConfigError
 from napari_dismm.model.checkpoint import load_model, save_model
-from napari_dismm.model.heads import describe_logits
-from napari_dismm.model.losses import survival_nll
 from napari_dismm.model.mirror import Mirror
 from napari_dismm.model.mirror.losses import mean_assignment_entropy
 from napari_dismm.model.registry import build_model
 from napari_dismm.omics import ExpressionNormaliser, read_expression
 from napari_dismm.omics.expression import ExpressionTable
 from training.dataset import SlideDataset, collate_bags
-from training.engine import FoldOutcome, Predictions, predictions_frame, score, seed_for
+from training.engine import FoldOutcome, predictions_frame, score, seed_for
 from training.metrics import write_history
+from training.probes import (
+    PROBE_CS,
+    SURVIVAL_EPOCHS,
+    SURVIVAL_LR,
+    Frozen,
+    fit_classification_probe,
+    fit_survival_probe,
+    frozen_features,
+    mean_pooled,
+    probe_predictions,
+)
 from training.stages.supervised import FoldSetup
 
 MIRROR_MODELS = ("mirror_probe", "mirror_fewshot", "meanpool_probe")
@@ -88,9 +97,9 @@ class MirrorSettings:
     batch_size: int = 8
     max_patches: int = 4096
     few_shot: int = 10
-    probe_cs: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)
-    survival_epochs: int = 400
-    survival_lr: float = 1e-2
+    probe_cs: tuple[float, ...] = PROBE_CS
+    survival_epochs: int = SURVIVAL_EPOCHS
+    survival_lr: float = SURVIVAL_LR
 
     def __post_init__(self) -> None:
         checks = {
@@ -270,33 +279,6 @@ def _extras(setup: FoldSetup, mags: tuple[str, ...], genes: GeneInput) -> dict[s
 # -- frozen features ---------------------------------------------------------------------------
 
 
-@dataclass
-class Frozen:
-    """Frozen slide features of one dataset with what scoring needs."""
-
-    x: np.ndarray
-    slide_ids: list[str]
-    patient_ids: list[str]
-    target: np.ndarray
-    event: np.ndarray | None
-    time: np.ndarray | None
-
-
-def _frozen(dataset: SlideDataset, features) -> Frozen:
-    xs, slides, patients, target, event, time = [], [], [], [], [], []
-    for i in range(0, len(dataset), 8):
-        batch = collate_bags([dataset[j] for j in range(i, min(i + 8, len(dataset)))])
-        xs.append(features(batch))
-        slides += batch.slide_ids
-        patients += batch.patient_ids
-        target.append(batch.target.numpy())
-        if batch.event is not None:
-            event.append(batch.event.numpy())
-            time.append(batch.time.numpy())
-    return Frozen(np.concatenate(xs), slides, patients, np.concatenate(target),
-                  np.concatenate(event) if event else None, np.concatenate(time) if time else None)
-
-
 @torch.no_grad()
 def embeddings(model: Mirror, dataset: SlideDataset, *, mags, device="cpu") -> tuple[np.ndarray, Frozen]:
     """(n, d) slide [CLS] embeddings (eval mode, whole bags)."""
@@ -308,106 +290,11 @@ def embeddings(model: Mirror, dataset: SlideDataset, *, mags, device="cpu") -> t
                            masks={m: batch.masks[m] for m in mags},
                            footprints=_footprints(batch, mags)).float().cpu().numpy()
 
-    frozen = _frozen(dataset, feats)
+    frozen = frozen_features(dataset, feats)
     return frozen.x, frozen
 
 
-def mean_pooled(dataset: SlideDataset, *, mags) -> Frozen:
-    """Mean of the raw patch features per magnification, concatenated (the baseline)."""
-
-    def feats(batch):
-        parts = []
-        for m in mags:
-            w = batch.masks[m].float()
-            parts.append(((batch.bags[m] * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1)).numpy())
-        return np.concatenate(parts, axis=1)
-
-    return _frozen(dataset, feats)
-
-
 # -- probes ------------------------------------------------------------------------------------
-
-
-@dataclass
-class LinearProbe:
-    """logits = ((x - mean) / std) @ weight.T + bias; ``chosen``: what validation picked."""
-
-    mean: np.ndarray
-    std: np.ndarray
-    weight: np.ndarray
-    bias: np.ndarray
-    chosen: dict[str, Any]
-
-    def logits(self, x: np.ndarray) -> np.ndarray:
-        return ((x - self.mean) / self.std) @ self.weight.T + self.bias
-
-
-def _standardise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    std = x.std(axis=0)
-    return x.mean(axis=0), np.where(std < 1e-8, 1.0, std)
-
-
-def fit_classification_probe(train: Frozen, val: Frozen, *, n_classes: int, cs, select_on: str, seed: int) -> LinearProbe:
-    """Logistic regression (balanced class weights) for each C; C picked on validation."""
-    from sklearn.linear_model import LogisticRegression
-
-    mean, std = _standardise(train.x)
-    z = (train.x - mean) / std
-    results = []
-    for c in cs:
-        lr = LogisticRegression(C=c, max_iter=5000, class_weight="balanced", random_state=seed).fit(z, train.target)
-        weight, bias = np.zeros((n_classes, z.shape[1])), np.full(n_classes, -30.0)  # absent class: never chosen
-        rows = lr.classes_.astype(int)
-        if len(rows) == 2:  # binary sklearn: one row; the pair of logits (0, w x + b) gives the same softmax
-            weight[rows[0]], bias[rows[0]] = 0.0, 0.0
-            weight[rows[1]], bias[rows[1]] = lr.coef_[0], lr.intercept_[0]
-        else:
-            weight[rows], bias[rows] = lr.coef_, lr.intercept_
-        probe = LinearProbe(mean, std, weight, bias, {"C": c})
-        pred = _predictions(probe, val, task="classification")
-        loss = float(torch.nn.functional.cross_entropy(torch.from_numpy(pred.logits), torch.from_numpy(val.target).long()))
-        value = loss if select_on == "loss" else -score(pred, task="classification")["auc"]
-        results.append((value if math.isfinite(value) else math.inf, probe))
-    best = min(results, key=lambda r: r[0])
-    best[1].chosen["val_" + ("loss" if select_on == "loss" else "neg_auc")] = best[0]
-    return best[1]
-
-
-def fit_survival_probe(train: Frozen, val: Frozen, *, n_bins: int, epochs: int, lr: float, seed: int,
-                       patience: int = 50) -> LinearProbe:
-    """The discrete-time survival head (Linear -> hazards, same NLL as DisMM) on frozen
-    standardised features; the epoch is picked on the validation NLL."""
-    mean, std = _standardise(train.x)
-    zt = torch.from_numpy((train.x - mean) / std).float()
-    zv = torch.from_numpy((val.x - mean) / std).float()
-    bt, et = torch.from_numpy(train.target).long(), torch.from_numpy(train.event).float()
-    bv, ev = torch.from_numpy(val.target).long(), torch.from_numpy(val.event).float()
-    torch.manual_seed(seed)
-    head = torch.nn.Linear(zt.shape[1], n_bins)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-2)
-    best, best_loss, bad, best_epoch = None, math.inf, 0, 0
-    for epoch in range(epochs):
-        optimizer.zero_grad()
-        survival_nll(head(zt), bt, et).backward()
-        optimizer.step()
-        with torch.no_grad():
-            loss = float(survival_nll(head(zv), bv, ev))
-        if loss < best_loss:
-            best_loss, bad, best_epoch = loss, 0, epoch + 1
-            best = (head.weight.detach().numpy().copy(), head.bias.detach().numpy().copy())
-        else:
-            bad += 1
-            if bad >= patience:
-                break
-    return LinearProbe(mean, std, best[0].astype(float), best[1].astype(float),
-                       {"epochs": best_epoch, "val_loss": best_loss})
-
-
-def _predictions(probe: LinearProbe, data: Frozen, *, task: str) -> Predictions:
-    logits = torch.from_numpy(probe.logits(data.x)).float()
-    derived = {k: v.numpy() for k, v in describe_logits(logits, task=task).items()}
-    return Predictions(data.slide_ids, data.patient_ids, logits.numpy(), data.target, derived.get("probabilities"),
-                       derived.get("risk"), derived.get("survival"), data.event, data.time)
 
 
 def few_shot(data: Frozen, *, per_class: int, seed: int) -> Frozen:
@@ -464,7 +351,7 @@ def run_mirror_model(*, name: str, setup: FoldSetup, run_dir: Path, expression, 
     else:
         probe = fit_survival_probe(train, frozen["val"], n_bins=setup.n_outputs, epochs=settings.survival_epochs,
                                    lr=settings.survival_lr, seed=seed)
-    test = _predictions(probe, frozen["test"], task=task)
+    test = probe_predictions(probe, frozen["test"], task=task)
     metrics = score(test, task=task)
     fold_dir.mkdir(parents=True, exist_ok=True)
     predictions_frame(test, task=task, class_names=setup.cohort.class_names).to_csv(fold_dir / "test_predictions.csv", index=False)

@@ -6,28 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from training.cohort import load_cohort
 from training.config import config_from_dict
 from training.dataset import collate_bags
 from training.ddp import DistContext, epoch_batches
 from training.engine import load_checkpoint, save_checkpoint, seed_for
-from training.splits import split_cohort
-from training.stages.supervised import SupervisedObjective, model_config, prepare_fold
+from training.stages.supervised import SupervisedObjective, model_config
 from training.stages.distillation import DistillationObjective, name_subspaces_by_teacher, teacher_prototypes
 from napari_dismm.model.registry import build_model
 from tests.training.synth_files import write_cohort
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    files = write_cohort(tmp_path_factory.mktemp("units"), n_patients=16, feature_dim=8)
-    cohort = load_cohort(cohort_csv=files.csv, expression=files.expression, gene_sets=files.gmt, task="classification")
-    cfg = config_from_dict({"model": {"d": 16, "dropout": 0.0}, "data": {"batch_size": 4}})
-    split = split_cohort(cohort, n_folds=2, val_fraction=0.25, seed=0)
-    return prepare_fold(cohort, split.folds[0], 0, cfg, use_genes=True)
 
 
 @pytest.mark.parametrize("n, batch", [(10, 4), (11, 4), (8, 2), (7, 6)])

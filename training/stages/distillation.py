@@ -9,7 +9,10 @@ where distillation_loss_m = L_task(student logits at m) + lambda_kd * T^2 KL(tea
 + lambda_f * per-subspace feature loss at m + lambda_att * per-subspace attention loss at m
 (model.losses.distillation_loss; the attention term, KL of the teacher's tumor / TME map from
 the student's, is a decision beyond the paper, documented in model.losses.attention_loss). The teacher
-sees the same (subsampled) bags and the genes; the student never sees genes. Early stopping
+sees the same (subsampled) bags and the genes; the student never sees genes. Every term reads
+both models' own logits, without their probes (``[teacher] probes``, ``[student] probes``,
+training/probes.py); validation and the test read the student's prediction, with its probe.
+Early stopping
 on the validation split and one test pass, as for every model (engine.train_fold).
 
 Naming the student's subspaces (``[student] name_by_teacher``): which of the student's two
@@ -39,10 +42,12 @@ from napari_dismm.errors import DataError
 from napari_dismm.model.checkpoint import load_model
 from napari_dismm.model.losses import distillation_loss, task_loss
 from napari_dismm.model.outputs import SUBSPACES
+from napari_dismm.model.probes import own_outputs
 from napari_dismm.model.registry import build_model
 from training.dataset import Batch, SlideDataset, collate_bags
 from training.ddp import SINGLE, DistContext
 from training.engine import FoldOutcome, LoopSettings, iterate, predict, seed_for, train_fold
+from training.probes import fit_frozen_paths
 from training.stages.supervised import FoldSetup, model_config
 
 
@@ -116,8 +121,10 @@ class DistillationObjective:
     """Student loss against a frozen teacher (see the module docstring)."""
 
     def __init__(self, teacher: nn.Module, *, task: str, class_weights: Tensor | None, temperature: float,
-                 lambda_kd: float, lambda_f: float, lambda_att: float = 0.0) -> None:
+                 lambda_kd: float, lambda_f: float, lambda_att: float = 0.0,
+                 own: dict[str, Any] | None = None) -> None:
         self.teacher = teacher.eval()
+        self.teacher_own, self.own = own_outputs(teacher), own or {}
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.task, self.class_weights = task, class_weights
@@ -128,9 +135,10 @@ class DistillationObjective:
         return task_loss(logits, batch.target, task=self.task, events=batch.event, class_weights=self.class_weights)
 
     def train_loss(self, net: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, float]]:
-        with torch.no_grad():
-            t_out = self.teacher(batch.bags, **batch.model_kwargs())
-        s_out = net(batch.bags, coords=batch.coords, masks=batch.masks, genes=None, footprints=batch.footprints)
+        with torch.no_grad():  # the teacher's own logits (without its probes), as the student's are
+            t_out = self.teacher(batch.bags, **batch.model_kwargs(), **self.teacher_own)
+        s_out = net(batch.bags, coords=batch.coords, masks=batch.masks, genes=None, footprints=batch.footprints,
+                    **self.own)
         combined = self._task(s_out.logits, batch)
         terms = []
         for mag, logits in s_out.per_magnification_logits.items():
@@ -165,13 +173,19 @@ def train_student_fold(
         protos = teacher_prototypes(teacher, setup.data.train, batch_size=cfg.data.batch_size, device=ctx.device)
         for mag, per in protos.items():
             student.set_subspace_prototypes(per["tumor"], per["tme"], magnification=mag)
+    chosen = None
+    if not (out_dir / "metrics.json").exists():
+        chosen = fit_frozen_paths(student, setup.data, task=setup.task, n_outputs=setup.n_outputs,
+                                  select_on=cfg.cv.select_on, seed=seed_for(cfg.cv.seed, name, setup.index, "probes"))
     s = cfg.student
     settings = LoopSettings(s.epochs, s.lr, s.weight_decay, s.patience, cfg.data.batch_size, cfg.cv.select_on,
                             cfg.cv.seed, cfg.cv.weight_ema)
     objective = DistillationObjective(teacher, task=setup.task, class_weights=setup.class_weights,
                                       temperature=s.temperature, lambda_kd=s.lambda_kd, lambda_f=s.lambda_f,
-                                      lambda_att=s.lambda_att)
+                                      lambda_att=s.lambda_att, own=own_outputs(student))
     extras = setup.extras(name)
+    if chosen is not None:
+        extras["probes"] = chosen
     extras["teacher"] = str(teacher_dir)  # gene lists stay: what the teacher it learnt from read
 
     def name_by_teacher(model: nn.Module) -> dict[str, Any]:

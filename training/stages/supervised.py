@@ -2,7 +2,10 @@
 
 Teacher loss per step, documented choice:
     L = L_task(combined logits) + mean over magnifications of L_task(logits at m)
+        + slide_aux_weight * mean over magnifications of L_task(slide-only logits at m)
         + dev_weight * L_DEV   (from epoch ``dev_warmup`` on)
+With probes (``[teacher] probes``) every term reads the teacher's own logits, without the
+probes' (training/probes.py); validation and the test read its prediction, with them.
 The combined logits follow ``combine`` (the teacher: ``[model] combine``, the reference's max
 confidence by default, which passes each sample's gradient to one magnification; ABMIL and
 late fusion: ``[baselines] combine``, the mean of the probabilities by default). The
@@ -29,6 +32,7 @@ from napari_dismm.features.encoders.provenance import model_record
 from napari_dismm.features.h5 import read_features
 from napari_dismm.model.cgc import CGCStep
 from napari_dismm.model.losses import class_weights_from_labels, dev_loss_from_output, task_loss
+from napari_dismm.model.probes import own_outputs
 from napari_dismm.model.registry import build_model
 from napari_dismm.model.teacher import SLIDE_LOGITS
 from training.cohort import Cohort
@@ -36,6 +40,7 @@ from training.config import TrainConfig
 from training.dataset import Batch, BagCache, FoldData, fold_datasets
 from training.ddp import SINGLE, DistContext
 from training.engine import FoldOutcome, LoopSettings, seed_for, train_fold
+from training.probes import fit_frozen_paths
 from training.splits import Fold
 
 @dataclass
@@ -135,12 +140,12 @@ def model_config(kind: str, setup: FoldSetup, *, cgc: bool = True, dev_weight: f
                     "spatial_context": setup.cfg.teacher.spatial_context if spatial_context is None else spatial_context,
                     "gene_residual": setup.cfg.teacher.gene_residual, "gene_dropout": setup.cfg.teacher.gene_dropout,
                     "gene_gate": setup.cfg.teacher.gene_gate,
-                    "slide_head": setup.cfg.teacher.slide_aux_weight > 0}
+                    "slide_head": setup.cfg.teacher.slide_aux_weight > 0, "probes": setup.cfg.teacher.probes}
         case "student":
             return {**common, "k": m.k, "knn": m.knn, "n_heads": m.n_heads, "dropout": m.dropout,
                     "assignment": m.ita_assignment, "temperature": m.ita_temperature,
                     "membership_scale": m.ita_membership_scale, "candidates": m.ita_candidates,
-                    "n_anchors": m.ita_anchors}
+                    "n_anchors": m.ita_anchors, "probes": setup.cfg.student.probes}
         case "abmil":
             return {**common, "dropout": m.dropout, "combine": setup.cfg.baselines.combine}
         case "late_fusion" | "genes_only":
@@ -156,6 +161,7 @@ class SupervisedObjective:
                  dev_scale: float = 1.0, dev_form: str = "agreement", dev_warmup: int = 0,
                  slide_aux_weight: float = 0.0, cgc_granularity: str = "block") -> None:
         self.task = task
+        self.own = own_outputs(model)
         self.slide_aux_weight = slide_aux_weight
         self.class_weights = class_weights
         mags = set(model.config.magnifications)
@@ -173,7 +179,7 @@ class SupervisedObjective:
         return task_loss(logits, batch.target, task=self.task, events=batch.event, class_weights=self.class_weights)
 
     def train_loss(self, net: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, float]]:
-        out = net(batch.bags, **batch.model_kwargs())
+        out = net(batch.bags, **batch.model_kwargs(), **self.own)
         combined = self._task(out.logits, batch)
         per_mag = torch.stack([self._task(lg, batch) for lg in out.per_magnification_logits.values()]).mean()
         loss = combined + per_mag
@@ -222,6 +228,12 @@ def train_supervised_fold(
     torch.manual_seed(seed_for(cfg.cv.seed, name, setup.index, "init"))
     model = build_model(model_config(kind, setup, cgc=cgc, dev_weight=dev_weight, subspace_split=subspace_split,
                                      spatial_context=spatial_context))
+    extras = setup.extras(name)
+    if not (out_dir / "metrics.json").exists():
+        chosen = fit_frozen_paths(model, setup.data, task=setup.task, n_outputs=setup.n_outputs,
+                                  select_on=cfg.cv.select_on, seed=seed_for(cfg.cv.seed, name, setup.index, "probes"))
+        if chosen is not None:
+            extras["probes"] = chosen
     objective = SupervisedObjective(model, task=setup.task, class_weights=setup.class_weights,
                                     dev_weight=dev_weight, cgc=cgc,
                                     patch_size_10x_level0=setup.patch_size_10x_level0,
@@ -231,5 +243,5 @@ def train_supervised_fold(
                                     slide_aux_weight=cfg.teacher.slide_aux_weight if kind == "teacher" else 0.0,
                                     cgc_granularity=getattr(model.config, "cgc_granularity", "block"))
     return train_fold(model=model, objective=objective, data=setup.data, settings=settings, fold_dir=out_dir,
-                      name=name, fold=setup.index, extras=setup.extras(name), class_weights=setup.class_weights,
+                      name=name, fold=setup.index, extras=extras, class_weights=setup.class_weights,
                       class_names=setup.cohort.class_names, ctx=ctx)

@@ -3,7 +3,8 @@
 The score of subspace u for a slide is its share of the task output, averaged over the
 magnifications: the subspace logit o_u = f_u W_u^T + b/2 of the fusion head
 (:meth:`SubspaceFusionHead.subspace_logits`) at the target class (classification) or
-summed over the time bins (survival: higher hazard logits = higher risk).
+summed over the time bins (survival: higher hazard logits = higher risk). A teacher's frozen
+probes (model/probes.py) belong to no subspace and are not part of either score.
 
 Attribution of gene g is integrated gradients from the baseline z = 0 (the training
 fold's mean expression, since genes are z-scored) to the patient's vector:

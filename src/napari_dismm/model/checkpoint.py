@@ -31,7 +31,7 @@ from napari_dismm.model.registry import build_model, config_from_dict
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 #: keys a newer format added to a model section, with the value every older file meant
 #: (format 2: the student's ITA got soft assignment, the teacher a spatial context;
 #: format-1 students merged hard, so their temperature is never used, and format-1
@@ -40,11 +40,13 @@ FORMAT_VERSION = 4
 #: student's ITA chooses its centres on its anchor sample and got a choice of membership
 #: unit: older students took centres among the densest tokens and scaled by the spread;
 #: the teacher's CGC got a granularity, and older teachers were trained with whole blocks;
-#: the teacher got gene gates, and older teachers let the genes in ungated)
+#: the teacher got gene gates, and older teachers let the genes in ungated; format 5: the
+#: teacher and the student got frozen linear probes, which older models did not have)
 _ADDED_IN = {2: {"student": {"assignment": "hard", "temperature": 2.0}, "teacher": {"spatial_context": 0.0}},
              3: {"teacher": {"gene_residual": False, "slide_head": False, "gene_dropout": 0.0, "base_query": False}},
              4: {"student": {"candidates": "densest", "membership_scale": "spread"},
-                 "teacher": {"cgc_granularity": "block", "gene_gate": False}}}
+                 "teacher": {"cgc_granularity": "block", "gene_gate": False}},
+             5: {"student": {"probes": False}, "teacher": {"probes": False}}}
 RESERVED = frozenset({"model", "model_id", "format_version"})
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
 

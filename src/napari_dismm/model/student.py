@@ -36,6 +36,7 @@ from napari_dismm.model.ita import (
 from napari_dismm.model.layers import PatchEmbedding
 from napari_dismm.model.mixing import TokenMixer
 from napari_dismm.model.outputs import SUBSPACES, ITAResult, ModelOutput
+from napari_dismm.model.probes import FrozenProbe, pooled_magnifications
 
 __all__ = ["Student", "StudentConfig"]
 
@@ -56,7 +57,9 @@ class StudentConfig:
     ``membership_scale``, gradients reach the clustering) or "hard" (the reference's
     nearest centre); ``membership_scale`` "spread" (of all distances, the default) or
     "width" (the clusters' own width: memberships sharpen as the clusters separate, which
-    cost the planted student's maps; README); see ``model.ita``."""
+    cost the planted student's maps; README); see ``model.ita``. ``probes``: a frozen linear
+    path on the mean patch features of every magnification whose logits the student adds to
+    each magnification's (model/probes.py; the teacher's, without the genes)."""
 
     kind: str = "student"
     task: str = "classification"
@@ -80,6 +83,7 @@ class StudentConfig:
     temperature: float = 2.0
     candidates: str = "anchors"
     membership_scale: str = "spread"
+    probes: bool = False
 
     def __post_init__(self) -> None:
         self.magnifications = tuple(self.magnifications)
@@ -180,6 +184,8 @@ class Student(nn.Module):
         # sets them they are fixed, learning-free defaults (see ita.default_prototypes).
         self.register_buffer("prototypes", default_prototypes(config.d).expand(len(mags), 2, config.d).clone())
         self.register_buffer("prototypes_set", torch.zeros(len(mags), dtype=torch.bool))
+        if config.probes:
+            self.slide_probe = FrozenProbe(config.d_in * len(mags), config.n_outputs)
 
     @torch.no_grad()
     def set_subspace_prototypes(self, tumor: Tensor, tme: Tensor, *, magnification: str | None = None) -> None:
@@ -220,17 +226,24 @@ class Student(nn.Module):
         masks: dict[str, Tensor] | None = None,
         genes: dict[str, Tensor] | None = None,
         footprints: dict[str, Tensor] | None = None,
+        with_probes: bool = True,
     ) -> ModelOutput:
         """``footprints`` is accepted for the shared signature: the student's coordinate
-        encoding divides by each bag's own extent, so it needs no patch size."""
+        encoding divides by each bag's own extent, so it needs no patch size.
+        ``with_probes=False`` (training): the student's own logits, without its probe's."""
         cfg = self.config
         present = check_bags(bags, masks, magnifications=cfg.magnifications, d_in=cfg.d_in)
+        probe_logits = None
+        if cfg.probes and with_probes:
+            probe_logits = self.slide_probe(pooled_magnifications(bags, masks, cfg.magnifications, self.slide_probe))
         logits, attention, features, ita = {}, {}, {}, {}
         for mag in present:
             mag_coords = None if coords is None else coords.get(mag)
             feats, attention[mag], ita[mag] = self._magnification(mag, bags[mag], mag_coords, mask_for(masks, mag))
             features[mag] = {u: feats[:, i] for i, u in enumerate(SUBSPACES)}
             logits[mag] = self.fusion_heads[mag](features[mag]["tumor"], features[mag]["tme"])
+            if probe_logits is not None:
+                logits[mag] = logits[mag] + probe_logits
         combined = combine_magnifications(logits, task=cfg.task, how=cfg.combine)
         output = ModelOutput(
             logits=combined, per_magnification_logits=logits, attention=attention, features=features, ita=ita

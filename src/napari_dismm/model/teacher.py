@@ -41,6 +41,7 @@ from napari_dismm.model.inputs import bag_steps, check_bags, check_genes, mask_f
 from napari_dismm.model.layers import SNN, PatchEmbedding
 from napari_dismm.model.losses import DEV_FORMS
 from napari_dismm.model.outputs import SUBSPACES, ModelOutput
+from napari_dismm.model.probes import FrozenProbe, pooled_magnifications
 
 
 #: the gene gates are read as GATE_GAIN x their parameter, so under Adam they open GATE_GAIN
@@ -65,7 +66,8 @@ class TeacherConfig:
     ablation without knowledge-driven subspaces: one gene encoder reads all genes and queries
     both subspaces, so nothing but their own attention weights tells tumor from TME.
     ``spatial_context``: the weight of each patch's 3 x 3 lattice neighbourhood in its token
-    before the cross-attention (0 = off; model/context.py); needs the patch coordinates."""
+    before the cross-attention (0 = off; model/context.py); needs the patch coordinates.
+    ``probes``: frozen linear paths on the mean patch features and the genes (module doc)."""
 
     kind: str = "teacher"
     task: str = "classification"
@@ -91,6 +93,7 @@ class TeacherConfig:
     gene_dropout: float = 0.25
     base_query: bool = True
     gene_gate: bool = True
+    probes: bool = False
 
     def __post_init__(self) -> None:
         validate_common(self)
@@ -158,6 +161,9 @@ class Teacher(nn.Module):
             self.slide_heads = nn.ModuleDict(
                 {m: SubspaceFusionHead(task=config.task, d=d, n_outputs=config.n_outputs) for m in config.magnifications}
             )
+        if config.probes:
+            self.slide_probe = FrozenProbe(config.d_in * len(config.magnifications), config.n_outputs)
+            self.gene_probe = FrozenProbe(config.n_tumor_genes + config.n_tme_genes, config.n_outputs)
 
     def forward(
         self,
@@ -167,10 +173,12 @@ class Teacher(nn.Module):
         masks: dict[str, Tensor] | None = None,
         genes: dict[str, Tensor] | None = None,
         footprints: dict[str, Tensor] | None = None,
+        with_probes: bool = True,
     ) -> ModelOutput:
         """``coords`` place each patch's neighbourhood (``spatial_context``; DEV pooling
         reads them in the loss too); ``footprints[mag]`` (B,) each bag's patch side in
-        level-0 px (absent or NaN: ``patch_size_10x_level0`` scaled to the magnification)."""
+        level-0 px (absent or NaN: ``patch_size_10x_level0`` scaled to the magnification).
+        ``with_probes=False`` (training): the teacher's own logits, without its probes'."""
         cfg = self.config
         present = check_bags(bags, masks, magnifications=cfg.magnifications, d_in=cfg.d_in)
         batch = bags[present[0]].shape[0]
@@ -184,6 +192,10 @@ class Teacher(nn.Module):
         if cfg.base_query:
             queries = {u: g + self.base_queries[u] for u, g in queries.items()}
         logits, attention, features, extras = {}, {}, {}, {}
+        probe_logits = None
+        if cfg.probes and with_probes:
+            pooled = pooled_magnifications(bags, masks, cfg.magnifications, self.slide_probe)
+            probe_logits = self.slide_probe(pooled) + self.gene_probe(torch.cat([genes[u] for u in SUBSPACES], dim=-1))
         for mag in present:
             tokens = self.embed[mag](bags[mag])
             mask = mask_for(masks, mag)
@@ -197,6 +209,8 @@ class Teacher(nn.Module):
                 slide[u], attention[mag][u] = self.dmf[mag][u](queries[u], tokens, mask)
                 features[mag][u] = slide[u] if residual is None else slide[u] + residual[u]
             logits[mag] = self.fusion_heads[mag](features[mag]["tumor"], features[mag]["tme"])
+            if probe_logits is not None:
+                logits[mag] = logits[mag] + probe_logits
             if cfg.slide_head:
                 extras[SLIDE_LOGITS + mag] = self.slide_heads[mag](slide["tumor"], slide["tme"])
         combined = combine_magnifications(logits, task=cfg.task, how=cfg.combine)

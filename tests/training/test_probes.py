@@ -1,0 +1,67 @@
+"""Fitting the frozen linear paths (training/probes.py) and training beside them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_dismm.model.probes import own_outputs
+from napari_dismm.model.registry import build_model
+from training.dataset import collate_bags
+from training.probes import fit_frozen_paths, gene_vectors, mean_pooled
+from training.stages.distillation import DistillationObjective
+from training.stages.supervised import SupervisedObjective, model_config
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def fitted(kind, setup):
+    torch.manual_seed(0)
+    model = build_model(model_config(kind, setup))
+    chosen = fit_frozen_paths(model, setup.data, task=setup.task, n_outputs=setup.n_outputs, select_on="loss", seed=0)
+    return model, chosen
+
+
+def test_the_defaults_fit_the_teachers_two_probes_on_the_training_part(setup):
+    """The slide probe reads the mean patch features of every magnification, standardised
+    with the training part's statistics (what validation chose is recorded); the gene probe
+    reads the gene vectors in the teacher's order."""
+    assert setup.cfg.teacher.probes and setup.cfg.student.probes
+    model, chosen = fitted("teacher", setup)
+    assert set(chosen) == {"slide", "genes"} and all("C" in c for c in chosen.values())
+    mags = list(setup.cohort.magnifications)
+    x = mean_pooled(setup.data.train, mags=mags).x
+    np.testing.assert_allclose(model.slide_probe.mean.numpy(), x.mean(0), rtol=1e-4, atol=1e-5)
+    g = gene_vectors(setup.data.train).x
+    np.testing.assert_allclose(model.gene_probe.mean.numpy(), g.mean(0), rtol=1e-4, atol=1e-5)
+    assert float(model.slide_probe.weight.abs().sum()) > 0 and float(model.gene_probe.weight.abs().sum()) > 0
+    student, chosen = fitted("student", setup)
+    assert set(chosen) == {"slide"} and not hasattr(student, "gene_probe")
+    abmil = build_model(model_config("abmil", setup))
+    assert fit_frozen_paths(abmil, setup.data, task=setup.task, n_outputs=setup.n_outputs, select_on="loss",
+                            seed=0) is None and own_outputs(abmil) == {}
+
+
+def test_training_losses_read_the_models_own_logits(setup):
+    """Probes change what a model predicts, not how its own part is trained: the stage I and
+    stage II losses are the same with fitted probes as with none (the attention keeps its
+    training signal, README)."""
+    batch = collate_bags([setup.data.train[i] for i in range(4)])
+    teacher, _ = fitted("teacher", setup)
+    student, _ = fitted("student", setup)
+    teacher.eval(), student.eval()  # no dropout: two passes must agree
+    losses = []
+    for fitted_probes in (True, False):
+        if not fitted_probes:
+            for probe in (teacher.slide_probe, teacher.gene_probe, student.slide_probe):
+                probe.weight.zero_(), probe.bias.zero_()
+        stage1 = SupervisedObjective(teacher, task=setup.task, class_weights=setup.class_weights,
+                                     slide_aux_weight=1.0)
+        stage2 = DistillationObjective(teacher, task=setup.task, class_weights=setup.class_weights, temperature=2.0,
+                                       lambda_kd=0.1, lambda_f=0.1, lambda_att=1.0, own=own_outputs(student))
+        with torch.no_grad():
+            losses.append((float(stage1.train_loss(teacher, batch)[0]), float(stage2.train_loss(student, batch)[0]),
+                           teacher(batch.bags, **batch.model_kwargs()).logits.clone()))
+    assert losses[0][:2] == pytest.approx(losses[1][:2], rel=1e-5)
+    assert not torch.allclose(losses[0][2], losses[1][2])  # the prediction does read them
