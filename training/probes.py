@@ -156,12 +156,11 @@ def gene_vectors(dataset: SlideDataset) -> Frozen:
     return frozen_features(dataset, lambda batch: torch.cat([batch.genes["tumor"], batch.genes["tme"]], dim=1).numpy())
 
 
-def fit_probe(train: Frozen, val: Frozen, *, task: str, n_outputs: int, select_on: str, seed: int,
-              cs: tuple[float, ...] = PROBE_CS, epochs: int = SURVIVAL_EPOCHS) -> LinearProbe:
+def fit_probe(train: Frozen, val: Frozen, *, task: str, n_outputs: int, select_on: str, seed: int) -> LinearProbe:
     """The classification or survival probe of ``task`` (penalty or epoch chosen on ``val``)."""
     if task == "classification":
-        return fit_classification_probe(train, val, n_classes=n_outputs, cs=cs, select_on=select_on, seed=seed)
-    return fit_survival_probe(train, val, n_bins=n_outputs, epochs=epochs, lr=SURVIVAL_LR, seed=seed)
+        return fit_classification_probe(train, val, n_classes=n_outputs, cs=PROBE_CS, select_on=select_on, seed=seed)
+    return fit_survival_probe(train, val, n_bins=n_outputs, epochs=SURVIVAL_EPOCHS, lr=SURVIVAL_LR, seed=seed)
 
 
 def load_probe(target: FrozenProbe, probe: LinearProbe) -> None:
@@ -188,6 +187,9 @@ def fit_frozen_paths(model: torch.nn.Module, data: FoldData, *, task: str, n_out
         parts["genes"] = (model.gene_probe, gene_vectors(data.train), gene_vectors(data.val))
     chosen = {}
     for name, (target, train, val) in parts.items():
+        if task == "classification" and len(set(train.target.tolist())) < 2:
+            chosen[name] = {"skipped": "the training part has one class"}  # the probe stays 0: adds nothing
+            continue
         probe = fit_probe(train, val, task=task, n_outputs=n_outputs, select_on=select_on, seed=seed)
         load_probe(target, probe)
         chosen[name] = probe.chosen

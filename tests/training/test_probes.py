@@ -65,3 +65,21 @@ def test_training_losses_read_the_models_own_logits(setup):
                            teacher(batch.bags, **batch.model_kwargs()).logits.clone()))
     assert losses[0][:2] == pytest.approx(losses[1][:2], rel=1e-5)
     assert not torch.allclose(losses[0][2], losses[1][2])  # the prediction does read them
+
+
+def test_a_training_part_of_one_class_leaves_the_probes_empty(setup):
+    """Logistic regression needs two classes: with one, the probes add nothing (and say why)
+    instead of stopping the run."""
+    import dataclasses
+
+    from training.dataset import SlideDataset
+
+    train = setup.data.train
+    first = min(int(s.class_index) for s in train.slides)
+    patients = sorted({s.patient_id for s in train.slides if int(s.class_index) == first})
+    one = dataclasses.replace(setup.data, train=SlideDataset(cohort=setup.cohort, patients=patients,
+                                                             normaliser=setup.data.normaliser))
+    model = build_model(model_config("teacher", setup))
+    chosen = fit_frozen_paths(model, one, task=setup.task, n_outputs=setup.n_outputs, select_on="loss", seed=0)
+    assert all("skipped" in c for c in chosen.values())
+    assert float(model.slide_probe.weight.abs().sum()) == 0 and float(model.gene_probe.weight.abs().sum()) == 0

@@ -11,9 +11,9 @@ where distillation_loss_m = L_task(student logits at m) + lambda_kd * T^2 KL(tea
 the student's, is a decision beyond the paper, documented in model.losses.attention_loss). The teacher
 sees the same (subsampled) bags and the genes; the student never sees genes. Every term reads
 both models' own logits, without their probes (``[teacher] probes``, ``[student] probes``,
-training/probes.py); validation and the test read the student's prediction, with its probe.
-Early stopping
-on the validation split and one test pass, as for every model (engine.train_fold).
+training/probes.py), and so does the validation that selects the epoch; the test reads the
+student's prediction, with its probe. Early stopping on the validation split and one test
+pass, as for every model (engine.train_fold).
 
 Naming the student's subspaces (``[student] name_by_teacher``): which of the student's two
 token clusters the prototype rule calls "tumor" depends on how its token space happened to

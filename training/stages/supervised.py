@@ -4,8 +4,9 @@ Teacher loss per step, documented choice:
     L = L_task(combined logits) + mean over magnifications of L_task(logits at m)
         + slide_aux_weight * mean over magnifications of L_task(slide-only logits at m)
         + dev_weight * L_DEV   (from epoch ``dev_warmup`` on)
-With probes (``[teacher] probes``) every term reads the teacher's own logits, without the
-probes' (training/probes.py); validation and the test read its prediction, with them.
+With probes (``[teacher] probes``) every term, and the validation that selects the epoch, read
+the teacher's own logits, without the probes' (training/probes.py); the test reads its
+prediction, with them.
 The combined logits follow ``combine`` (the teacher: ``[model] combine``, the reference's max
 confidence by default, which passes each sample's gradient to one magnification; ABMIL and
 late fusion: ``[baselines] combine``, the mean of the probabilities by default). The

@@ -66,7 +66,6 @@ def pooled_magnifications(bags: dict[str, Tensor], masks: dict[str, Tensor] | No
     return torch.cat(parts, dim=-1)
 
 
-
 def own_outputs(model: nn.Module) -> dict[str, bool]:
     """The forward keyword that gives a model's own outputs, without its probes ({} for a
     model without them, or a wrapper around one: DDP's ``module``)."""
