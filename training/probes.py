@@ -167,6 +167,17 @@ def load_probe(target: FrozenProbe, probe: LinearProbe) -> None:
     target.set_fit(mean=probe.mean, scale=probe.std, weight=probe.weight, bias=probe.bias)
 
 
+def whole_bags(dataset: SlideDataset, data: FoldData) -> SlideDataset:
+    """``dataset``'s slides without training's patch cap: a probe reads each slide's mean over
+    all its patches, as at inference (a capped bag is one spatial block, which may miss the
+    region that carries the label)."""
+    if dataset.max_patches is None:
+        return dataset
+    patients = list(dict.fromkeys(s.patient_id for s in dataset.slides))
+    return SlideDataset(cohort=dataset.cohort, patients=patients, normaliser=data.normaliser,
+                        bin_edges=data.bin_edges, cache=dataset.cache)
+
+
 def fit_frozen_paths(model: torch.nn.Module, data: FoldData, *, task: str, n_outputs: int, select_on: str,
                      seed: int) -> dict[str, Any] | None:
     """Fit a model's frozen probes (``slide_probe`` on every magnification's mean patch
@@ -182,7 +193,8 @@ def fit_frozen_paths(model: torch.nn.Module, data: FoldData, *, task: str, n_out
     if getattr(model, "slide_probe", None) is None:
         return None
     mags = list(model.config.magnifications)
-    parts = {"slide": (model.slide_probe, mean_pooled(data.train, mags=mags), mean_pooled(data.val, mags=mags))}
+    train = whole_bags(data.train, data)
+    parts = {"slide": (model.slide_probe, mean_pooled(train, mags=mags), mean_pooled(data.val, mags=mags))}
     if getattr(model, "gene_probe", None) is not None:
         parts["genes"] = (model.gene_probe, gene_vectors(data.train), gene_vectors(data.val))
     chosen = {}

@@ -83,3 +83,21 @@ def test_a_training_part_of_one_class_leaves_the_probes_empty(setup):
     chosen = fit_frozen_paths(model, one, task=setup.task, n_outputs=setup.n_outputs, select_on="loss", seed=0)
     assert all("skipped" in c for c in chosen.values())
     assert float(model.slide_probe.weight.abs().sum()) == 0 and float(model.gene_probe.weight.abs().sum()) == 0
+
+
+def test_the_slide_probe_reads_whole_slides_when_training_caps_the_bags(setup):
+    """Training trains on spatial blocks of a slide larger than ``max_patches``; the probe is
+    fitted on the whole slide's mean, which is what it reads at inference."""
+    import dataclasses
+
+    from training.dataset import SlideDataset
+
+    patients = list(dict.fromkeys(s.patient_id for s in setup.data.train.slides))
+    capped = SlideDataset(cohort=setup.cohort, patients=patients, normaliser=setup.data.normaliser, max_patches=3)
+    data = dataclasses.replace(setup.data, train=capped)
+    model = build_model(model_config("teacher", setup))
+    fit_frozen_paths(model, data, task=setup.task, n_outputs=setup.n_outputs, select_on="loss", seed=0)
+    mags = list(setup.cohort.magnifications)
+    whole = mean_pooled(setup.data.train, mags=mags).x.mean(0)
+    np.testing.assert_allclose(model.slide_probe.mean.numpy(), whole, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(mean_pooled(capped, mags=mags).x.mean(0), whole, atol=1e-3)
