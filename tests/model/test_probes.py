@@ -101,14 +101,19 @@ def test_probes_round_trip_through_a_checkpoint(kind, tmp_path):
 
 
 def test_a_missing_magnification_adds_nothing_through_the_probe():
-    """A slide without one magnification: that part of the probe's input is its training
-    mean, so only the present magnification's features move its logits."""
+    """A batch without one magnification, or a slide without a patch at it: that part of the
+    probe's input is its training mean, so only the present features move its logits."""
     probe = FrozenProbe(2 * D_IN, C)
     random_fit(probe, 5)
     bags = {"20x": torch.randn(2, 4, D_IN)}
     pooled = pooled_magnifications(bags, None, MAGS, probe)
     torch.testing.assert_close(pooled[:, :D_IN], probe.mean[:D_IN].expand(2, D_IN))
     torch.testing.assert_close(pooled[:, D_IN:], bags["20x"].mean(1))
+    empty = {m: torch.randn(2, 4, D_IN) for m in MAGS}
+    masks = {"10x": torch.tensor([[True] * 4, [False] * 4]), "20x": torch.ones(2, 4, dtype=torch.bool)}
+    pooled = pooled_magnifications(empty, masks, MAGS, probe)  # slide 1 has no 10x patch
+    torch.testing.assert_close(pooled[1, :D_IN], probe.mean[:D_IN])
+    torch.testing.assert_close(pooled[0, :D_IN], empty["10x"][0].mean(0))
 
 
 def test_masked_mean_reads_real_patches_only_and_set_fit_checks_shapes():

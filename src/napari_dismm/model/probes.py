@@ -54,15 +54,21 @@ def masked_mean(bag: Tensor, mask: Tensor | None) -> Tensor:
 def pooled_magnifications(bags: dict[str, Tensor], masks: dict[str, Tensor] | None, magnifications: tuple[str, ...],
                           probe: FrozenProbe) -> Tensor:
     """(B, M x D) the mean patch features of each magnification, concatenated in order; a
-    magnification the batch lacks takes the probe's training mean, so it adds nothing."""
-    present = next(iter(bags.values()))
+    magnification the batch lacks, or a slide has no patch at, takes the probe's training
+    mean, so it adds nothing."""
+    batch = next(iter(bags.values())).shape[0]
     width = probe.mean.shape[0] // len(magnifications)
     parts = []
     for i, mag in enumerate(magnifications):
-        if mag in bags:
-            parts.append(masked_mean(bags[mag], None if masks is None else masks.get(mag)))
-        else:
-            parts.append(probe.mean[i * width:(i + 1) * width].expand(present.shape[0], width))
+        fill = probe.mean[i * width:(i + 1) * width].expand(batch, width)
+        if mag not in bags:
+            parts.append(fill)
+            continue
+        mask = None if masks is None else masks.get(mag)
+        mean = masked_mean(bags[mag], mask)
+        if mask is not None:
+            mean = torch.where(mask.any(dim=1, keepdim=True), mean, fill.to(mean.dtype))
+        parts.append(mean)
     return torch.cat(parts, dim=-1)
 
 
