@@ -189,7 +189,7 @@ def fit_frozen_paths(model: torch.nn.Module, data: FoldData, *, task: str, n_out
     other way, trained on its own logits plus the probes' (cross-fitted on the training
     patients), the attention lost its training signal wherever the probes alone fit the
     training patients, and the student's held-out tumor maps on the demo recipe's rendered
-    cohort fell from 0.95 / 0.86 / 0.87 to 0.71 / 0.89 / 0.59 (README)."""
+    cohort fell from 0.95 / 0.86 / 0.87 to 0.66 / 0.77 / 0.58 (README)."""
     if getattr(model, "slide_probe", None) is None:
         return None
     mags = list(model.config.magnifications)
