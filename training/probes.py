@@ -18,7 +18,7 @@ import torch
 
 from napari_dismm.model.heads import describe_logits
 from napari_dismm.model.losses import survival_nll
-from napari_dismm.model.probes import FrozenProbe
+from napari_dismm.model.probes import FrozenProbe, masked_mean
 from training.dataset import FoldData, SlideDataset, collate_bags
 from training.engine import Predictions, score
 
@@ -62,8 +62,7 @@ def mean_pooled(dataset: SlideDataset, *, mags) -> Frozen:
     def feats(batch):
         parts = []
         for m in mags:
-            w = batch.masks[m].float()
-            parts.append(((batch.bags[m] * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1)).numpy())
+            parts.append(masked_mean(batch.bags[m], batch.masks[m].bool()).numpy())
         return np.concatenate(parts, axis=1)
 
     return frozen_features(dataset, feats)
@@ -193,8 +192,8 @@ def fit_frozen_paths(model: torch.nn.Module, data: FoldData, *, task: str, n_out
     if getattr(model, "slide_probe", None) is None:
         return None
     mags = list(model.config.magnifications)
-    train = whole_bags(data.train, data)
-    parts = {"slide": (model.slide_probe, mean_pooled(train, mags=mags), mean_pooled(data.val, mags=mags))}
+    whole = whole_bags(data.train, data)
+    parts = {"slide": (model.slide_probe, mean_pooled(whole, mags=mags), mean_pooled(data.val, mags=mags))}
     if getattr(model, "gene_probe", None) is not None:
         parts["genes"] = (model.gene_probe, gene_vectors(data.train), gene_vectors(data.val))
     chosen = {}
