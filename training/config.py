@@ -176,7 +176,7 @@ class TeacherSettings:
                                  "finding the label's patches once the head reads the genes; 0 = no such head)", lo=0)
     probes: bool = _f(True, "frozen linear paths (logistic regressions on the mean patch features of all "
                       "magnifications and on the genes, penalty chosen on validation) whose logits the teacher "
-                      "adds to its own; the attention learns what they miss (model/probes.py)")
+                      "adds to its own; its own part is trained and selected without them (model/probes.py)")
     patience: int = _f(10, "epochs without validation improvement before stopping (0 = never stop early)", lo=0)
 
     def __post_init__(self) -> None:

@@ -206,3 +206,16 @@ def fit_frozen_paths(model: torch.nn.Module, data: FoldData, *, task: str, n_out
         chosen[name] = probe.chosen
     return chosen
 
+
+def reuse_slide_probe(model: torch.nn.Module, source: torch.nn.Module, chosen: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Copy ``source``'s fitted slide probe into ``model`` (the fold's teacher into its
+    student): both are fitted on the same fold's whole training slides, so a refit would read
+    every training slide again for the same result. Returns what the source's validation chose
+    (``chosen``, from its config.json), or None when there is nothing of the same shape to copy."""
+    target, fitted = getattr(model, "slide_probe", None), getattr(source, "slide_probe", None)
+    if target is None or fitted is None or not chosen or "slide" not in chosen:
+        return None
+    if any(a.shape != b.shape for a, b in zip(target.buffers(), fitted.buffers())):
+        return None
+    target.load_state_dict(fitted.state_dict())
+    return {"slide": {**chosen["slide"], "from": "teacher"}}

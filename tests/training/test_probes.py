@@ -101,3 +101,18 @@ def test_the_slide_probe_reads_whole_slides_when_training_caps_the_bags(setup):
     whole = mean_pooled(setup.data.train, mags=mags).x.mean(0)
     np.testing.assert_allclose(model.slide_probe.mean.numpy(), whole, rtol=1e-4, atol=1e-5)
     assert not np.allclose(mean_pooled(capped, mags=mags).x.mean(0), whole, atol=1e-3)
+
+
+def test_the_student_takes_the_teachers_slide_probe_which_a_refit_would_repeat(setup):
+    """Stage II copies the fold teacher's slide probe instead of reading every training slide
+    again: the copy equals the student's own fit on the same fold."""
+    from training.probes import reuse_slide_probe
+
+    teacher, chosen = fitted("teacher", setup)
+    refit, _ = fitted("student", setup)
+    student = build_model(model_config("student", setup))
+    assert reuse_slide_probe(student, teacher, None) is None
+    got = reuse_slide_probe(student, teacher, chosen)
+    assert got["slide"]["C"] == chosen["slide"]["C"]
+    for name, buffer in student.slide_probe.named_buffers():
+        torch.testing.assert_close(buffer, dict(refit.slide_probe.named_buffers())[name])

@@ -47,7 +47,7 @@ from napari_dismm.model.registry import build_model
 from training.dataset import Batch, SlideDataset, collate_bags
 from training.ddp import SINGLE, DistContext
 from training.engine import FoldOutcome, LoopSettings, iterate, predict, seed_for, train_fold
-from training.probes import fit_frozen_paths
+from training.probes import fit_frozen_paths, reuse_slide_probe
 from training.stages.supervised import FoldSetup, model_config
 
 
@@ -166,7 +166,7 @@ def train_student_fold(
     cfg = setup.cfg
     if not (teacher_dir / "model.safetensors").exists():
         raise DataError(f"stage II needs the fold's teacher at {teacher_dir}: train the teacher first")
-    teacher, _ = load_model(teacher_dir, map_location=ctx.device)
+    teacher, teacher_doc = load_model(teacher_dir, map_location=ctx.device)
     torch.manual_seed(seed_for(cfg.cv.seed, name, setup.index, "init"))
     student = build_model(model_config("student", setup))
     if not (out_dir / "metrics.json").exists():
@@ -175,8 +175,9 @@ def train_student_fold(
             student.set_subspace_prototypes(per["tumor"], per["tme"], magnification=mag)
     chosen = None
     if not (out_dir / "metrics.json").exists():
-        chosen = fit_frozen_paths(student, setup.data, task=setup.task, n_outputs=setup.n_outputs,
-                                  select_on=cfg.cv.select_on, seed=seed_for(cfg.cv.seed, name, setup.index, "probes"))
+        chosen = reuse_slide_probe(student, teacher, teacher_doc.get("probes")) or fit_frozen_paths(
+            student, setup.data, task=setup.task, n_outputs=setup.n_outputs, select_on=cfg.cv.select_on,
+            seed=seed_for(cfg.cv.seed, name, setup.index, "probes"))
     s = cfg.student
     settings = LoopSettings(s.epochs, s.lr, s.weight_decay, s.patience, cfg.data.batch_size, cfg.cv.select_on,
                             cfg.cv.seed, cfg.cv.weight_ema)
