@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from training.config import config_from_dict
-from training.recipes.regimes import held_out_map_auroc
+from training.recipes.regimes import MAP_MODELS, held_out_map_auroc
 from training.run import run_training
 from training.synth import CohortFiles, planted_cohort_config, write_synthetic_cohort
 
@@ -84,8 +84,10 @@ def run(out: Path, *, n_patients: int, patches_20x: int, seed: int, config: dict
                "accuracy": summary[name]["accuracy"]["mean"]}
         if name == "student":
             maps = {u: float(np.mean(v)) for u, v in bundle_map_auroc(files, out / "run", name, folds).items()}
-        else:
+        elif name in MAP_MODELS:
             maps = held_out_map_auroc(files, out / "run", name, "classification", folds)
+        else:  # a baseline has no tumor / TME maps
+            maps = {}
         row.update({f"map_{u}": v for u, v in maps.items()})
         rows[name] = row
     return rows
