@@ -201,6 +201,11 @@ class StudentSettings:
                       "magnification, penalty chosen on validation) whose logits the student adds to its own "
                       "(model/probes.py)")
     patience: int = _f(15, "epochs without validation improvement before stopping (0 = never stop early)", lo=0)
+    select_by: str = _f("task", "what validation judges (with [cv] select_on = loss): the whole stage-II "
+                        "objective on the validation patients (task and distillation terms: the epoch is chosen "
+                        "when the student also follows the teacher's maps) or the task loss alone (task, "
+                        "the default: the objective cost the rendered cohort's maps; README)",
+                        choices=("objective", "task"))
 
     def __post_init__(self) -> None:
         _check(self, "student")

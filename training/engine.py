@@ -419,7 +419,13 @@ def _epochs(*, net, model, objective, data, settings, name, fold, info, best, op
         val_metric = score(val, task=task)[metric]
         row = {"epoch": epoch + 1, **{f"train_{k}": all_reduce_mean(v, ctx) for k, v in sums.items()},
                "val_loss": val_loss, f"val_{metric}": val_metric}
-        value = val_loss if settings.select_on == "loss" else val_metric
+        # an objective may judge more than the task (stage II: the whole distillation objective)
+        val_objective = None
+        if settings.select_on == "loss" and hasattr(objective, "validation_loss"):
+            val_objective = objective.validation_loss(judged, data.val, batch_size=settings.batch_size, device=device)
+        if val_objective is not None:
+            row["val_objective"] = val_objective
+        value = (val_loss if val_objective is None else val_objective) if settings.select_on == "loss" else val_metric
         if _better(value, info["best_score"], settings.select_on):
             info["best_score"] = value if math.isfinite(value) else None
             info["best_epoch"], info["bad_epochs"] = epoch + 1, 0

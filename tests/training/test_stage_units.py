@@ -196,3 +196,47 @@ def test_weight_ema_keeps_the_moving_average_of_the_weights(tmp_path):
             assert not average and all(torch.equal(best[k], last[k]) for k in best)
         kept[decay] = best
     assert any(not torch.equal(kept[0.0][k], kept[0.9][k]) for k in kept[0.0])
+
+
+def test_student_validation_can_judge_the_whole_distillation_objective(setup):
+    """``[student] select_by = "objective"``: validation reads the stage-II objective over the
+    validation patients (eval mode, batch-size weighted mean of the training loss); "task"
+    leaves the engine its task loss (None)."""
+    torch.manual_seed(5)
+    teacher = build_model(model_config("teacher", setup)).eval()
+    student = build_model(model_config("student", setup)).train()
+    kw = dict(task="classification", class_weights=setup.class_weights, temperature=2.0, lambda_kd=0.5,
+              lambda_f=0.5, lambda_att=1.0)
+    val = setup.data.val
+    assert DistillationObjective(teacher, **kw).validation_loss(student, val, batch_size=3, device="cpu") is None
+    obj = DistillationObjective(teacher, **kw, select_by="objective")
+    judged = obj.validation_loss(student, val, batch_size=3, device="cpu")
+    assert student.training  # handed back in the mode it came in
+    student.eval()
+    with torch.no_grad():
+        parts = [(obj.train_loss(student, collate_bags([val[i] for i in idx]))[0], len(idx))
+                 for idx in (range(k, min(k + 3, len(val))) for k in range(0, len(val), 3))]
+    assert judged == pytest.approx(sum(float(loss) * n for loss, n in parts) / len(val), rel=1e-6)
+    assert judged > 0
+
+
+def test_selecting_the_student_on_its_objective_records_and_uses_it(tmp_path):
+    """The epoch kept is the one with the lowest validation objective, recorded per epoch."""
+    import json
+
+    import pandas as pd
+
+    from training.run import run_training
+
+    files = write_cohort(tmp_path / "cohort", n_patients=16, feature_dim=8)
+    cfg = config_from_dict({"model": {"d": 16}, "data": {"batch_size": 4}, "cv": {"folds": 2},
+                            "teacher": {"epochs": 2, "patience": 0, "probes": False},
+                            "student": {"epochs": 4, "patience": 0, "probes": False, "select_by": "objective"},
+                            "baselines": {"run": []}})
+    run_training(cohort_csv=files.csv, expression=files.expression, gene_sets=files.gmt, task="classification",
+                 out=tmp_path / "run", config=cfg, models=["teacher", "student"], folds=[0], log=None)
+    fold = tmp_path / "run" / "student" / "fold_0"
+    history = pd.read_csv(fold / "history.csv")
+    assert "val_objective" in history and history["val_objective"].notna().all()
+    best = json.loads((fold / "metrics.json").read_text())["best_epoch"]
+    assert best == int(history.loc[history["val_objective"].idxmin(), "epoch"])

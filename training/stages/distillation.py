@@ -122,8 +122,9 @@ class DistillationObjective:
 
     def __init__(self, teacher: nn.Module, *, task: str, class_weights: Tensor | None, temperature: float,
                  lambda_kd: float, lambda_f: float, lambda_att: float = 0.0,
-                 own: dict[str, Any] | None = None) -> None:
+                 own: dict[str, Any] | None = None, select_by: str = "task") -> None:
         self.teacher = teacher.eval()
+        self.select_by = select_by
         self.teacher_own, self.own = own_outputs(teacher), own or {}
         for p in self.teacher.parameters():
             p.requires_grad_(False)
@@ -158,6 +159,29 @@ class DistillationObjective:
     def after_backward(self) -> dict[str, float]:
         return {}
 
+    @torch.no_grad()
+    def validation_loss(self, net: nn.Module, dataset: SlideDataset, *, batch_size: int,
+                        device: torch.device | str) -> float | None:
+        """The whole stage-II objective on the validation patients (eval mode, whole bags, the
+        student's own logits as trained), or None when ``select_by`` is "task" (the engine then
+        selects on the task loss alone).
+
+        Why: judged on the task loss of ~10 validation patients, the student's epoch was chosen
+        at 11-15 of 60 on the planted `small_region` cohorts, while its maps were still learning
+        the teacher's (the attention term fell from 7.8 to 3.1 by epoch 30); the objective
+        also asks the maps, features and logits to follow the teacher (README)."""
+        if self.select_by != "objective" or len(dataset) == 0:
+            return None
+        was_training = net.training
+        net.eval()
+        total = 0.0
+        for idx in iterate(dataset, batch_size):
+            batch = collate_bags([dataset[i] for i in idx]).to(device)
+            loss, _ = self.train_loss(net, batch)
+            total += float(loss) * len(idx)
+        net.train(was_training)
+        return total / len(dataset)
+
 
 def train_student_fold(
     *, setup: FoldSetup, teacher_dir: Path, out_dir: Path, name: str = "student", ctx: DistContext = SINGLE
@@ -183,7 +207,7 @@ def train_student_fold(
                             cfg.cv.seed, cfg.cv.weight_ema)
     objective = DistillationObjective(teacher, task=setup.task, class_weights=setup.class_weights,
                                       temperature=s.temperature, lambda_kd=s.lambda_kd, lambda_f=s.lambda_f,
-                                      lambda_att=s.lambda_att, own=own_outputs(student))
+                                      lambda_att=s.lambda_att, own=own_outputs(student), select_by=s.select_by)
     extras = setup.extras(name)
     if chosen is not None:
         extras["probes"] = chosen
