@@ -425,7 +425,7 @@ def _epochs(*, net, model, objective, data, settings, name, fold, info, best, op
             val_objective = objective.validation_loss(judged, data.val, batch_size=settings.batch_size, device=device)
         if val_objective is not None:
             row["val_objective"] = val_objective
-        value = (val_loss if val_objective is None else val_objective) if settings.select_on == "loss" else val_metric
+        value = val_metric if settings.select_on != "loss" else val_loss if val_objective is None else val_objective
         if _better(value, info["best_score"], settings.select_on):
             info["best_score"] = value if math.isfinite(value) else None
             info["best_epoch"], info["bad_epochs"] = epoch + 1, 0

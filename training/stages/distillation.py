@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -125,6 +126,7 @@ class DistillationObjective:
                  own: dict[str, Any] | None = None, select_by: str = "task") -> None:
         self.teacher = teacher.eval()
         self.select_by = select_by
+        self._val_teacher: dict[tuple[str, ...], SimpleNamespace] = {}  # frozen: computed once per batch
         self.teacher_own, self.own = own_outputs(teacher), own or {}
         for p in self.teacher.parameters():
             p.requires_grad_(False)
@@ -135,9 +137,17 @@ class DistillationObjective:
     def _task(self, logits: Tensor, batch: Batch) -> Tensor:
         return task_loss(logits, batch.target, task=self.task, events=batch.event, class_weights=self.class_weights)
 
-    def train_loss(self, net: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, float]]:
-        with torch.no_grad():  # the teacher's own logits (without its probes), as the student's are
-            t_out = self.teacher(batch.bags, **batch.model_kwargs(), **self.teacher_own)
+    def _teacher_outputs(self, batch: Batch) -> SimpleNamespace:
+        """What the terms read of the frozen teacher: its own logits (without its probes, as the
+        student's are), subspace features and maps."""
+        with torch.no_grad():
+            out = self.teacher(batch.bags, **batch.model_kwargs(), **self.teacher_own)
+        return SimpleNamespace(per_magnification_logits=out.per_magnification_logits, features=out.features,
+                               attention=out.attention)
+
+    def train_loss(self, net: nn.Module, batch: Batch, *,
+                   teacher_out: SimpleNamespace | None = None) -> tuple[Tensor, dict[str, float]]:
+        t_out = self._teacher_outputs(batch) if teacher_out is None else teacher_out
         s_out = net(batch.bags, coords=batch.coords, masks=batch.masks, genes=None, footprints=batch.footprints,
                     **self.own)
         combined = self._task(s_out.logits, batch)
@@ -164,7 +174,8 @@ class DistillationObjective:
                         device: torch.device | str) -> float | None:
         """The whole stage-II objective on the validation patients (eval mode, whole bags, the
         student's own logits as trained), or None when ``select_by`` is "task" (the engine then
-        selects on the task loss alone).
+        selects on the task loss alone). The frozen teacher's outputs on each validation batch
+        are computed once and kept.
 
         Why: judged on the task loss of ~10 validation patients, the student's epoch was chosen
         at 11-15 of 60 on the planted `small_region` cohorts, while its maps were still learning
@@ -177,7 +188,10 @@ class DistillationObjective:
         total = 0.0
         for idx in iterate(dataset, batch_size):
             batch = collate_bags([dataset[i] for i in idx]).to(device)
-            loss, _ = self.train_loss(net, batch)
+            key = tuple(batch.slide_ids)
+            if key not in self._val_teacher:
+                self._val_teacher[key] = self._teacher_outputs(batch)
+            loss, _ = self.train_loss(net, batch, teacher_out=self._val_teacher[key])
             total += float(loss) * len(idx)
         net.train(was_training)
         return total / len(dataset)
