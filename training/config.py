@@ -23,6 +23,7 @@ from napari_dismm.errors import ModelConfigError
 from napari_dismm.model.cgc import GRANULARITIES as CGC_GRANULARITIES
 from napari_dismm.model.heads import COMBINE_RULES
 from napari_dismm.model.ita import ASSIGNMENTS, CANDIDATES, MEMBERSHIP_SCALES
+from napari_dismm.model.student import PROBE_POOLINGS
 
 BASELINES = ("abmil", "late_fusion", "genes_only")
 SELECT_ON = ("loss", "metric")
@@ -200,6 +201,13 @@ class StudentSettings:
     probes: bool = _f(True, "a frozen linear path (logistic regression on the mean patch features of every "
                       "magnification, penalty chosen on validation) whose logits the student adds to its own "
                       "(model/probes.py)")
+    probe_pooling: str = _f("teacher_maps", "what the student's probe reads: the mean patch features, or those "
+                            "and the features pooled by per-patch tumor / TME scores fitted to the teacher's maps "
+                            "(teacher_maps: the WSI-only student finds a label held by a few patches; README)",
+                            choices=PROBE_POOLINGS)
+    probe_context: float = _f(0.5, "teacher_maps: weight of each patch's 3 x 3 lattice neighbourhood in the features "
+                              "the map scores read and pool (as the teacher's spatial context; 0 = the patch alone)",
+                              lo=0, hi=1)
     patience: int = _f(15, "epochs without validation improvement before stopping (0 = never stop early)", lo=0)
     select_by: str = _f("task", "what validation judges (with [cv] select_on = loss): the whole stage-II "
                         "objective on the validation patients (task and distillation terms: the epoch is chosen "

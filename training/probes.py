@@ -16,11 +16,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from napari_dismm.errors import DataError
 from napari_dismm.model.heads import describe_logits
 from napari_dismm.model.losses import survival_nll
 from napari_dismm.model.probes import FrozenProbe, masked_mean
 from training.dataset import FoldData, SlideDataset, collate_bags
 from training.engine import Predictions, score
+from training.map_scorers import fit_map_scorers
 
 #: the penalties a classification probe chooses from (sklearn's C, inverse strength)
 PROBE_CS: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)
@@ -177,12 +179,26 @@ def whole_bags(dataset: SlideDataset, data: FoldData) -> SlideDataset:
                         bin_edges=data.bin_edges, cache=dataset.cache)
 
 
+def probe_inputs(model: torch.nn.Module, dataset: SlideDataset) -> Frozen:
+    """What a student's slide probe reads (``Student.probe_inputs``), for every slide."""
+
+    @torch.no_grad()
+    def feats(batch):
+        masks = {m: mask.bool() for m, mask in batch.masks.items()}
+        return model.probe_inputs(batch.bags, masks, coords=batch.coords, footprints=batch.footprints).float().numpy()
+
+    return frozen_features(dataset, feats)
+
+
 def fit_frozen_paths(model: torch.nn.Module, data: FoldData, *, task: str, n_outputs: int, select_on: str,
-                     seed: int) -> dict[str, Any] | None:
+                     seed: int, teacher: torch.nn.Module | None = None,
+                     device: torch.device | str = "cpu") -> dict[str, Any] | None:
     """Fit a model's frozen probes (``slide_probe`` on every magnification's mean patch
     features, ``gene_probe`` if it has one) on the fold's training part, each penalty chosen
     on its validation part, and load them into it; returns what validation chose per probe
-    (None for a model without probes).
+    (None for a model without probes). A student with map scorers (``probe_pooling``
+    "teacher_maps") has them fitted to ``teacher``'s maps first (training/map_scorers.py), and
+    its slide probe reads the mean and the score-pooled features.
 
     The model's own part is then trained without them (``with_probes=False``): tried the
     other way, trained on its own logits plus the probes' (cross-fitted on the training
@@ -193,10 +209,16 @@ def fit_frozen_paths(model: torch.nn.Module, data: FoldData, *, task: str, n_out
         return None
     mags = list(model.config.magnifications)
     whole = whole_bags(data.train, data)
-    parts = {"slide": (model.slide_probe, mean_pooled(whole, mags=mags), mean_pooled(data.val, mags=mags))}
+    chosen = {}
+    if getattr(model, "map_scorers", None) is not None:
+        if teacher is None:
+            raise DataError("the student's map scorers are fitted to a teacher's maps: none was given")
+        chosen["map_scorers"] = fit_map_scorers(model, teacher, whole, data.val, seed=seed, device=device)
+        parts = {"slide": (model.slide_probe, probe_inputs(model, whole), probe_inputs(model, data.val))}
+    else:
+        parts = {"slide": (model.slide_probe, mean_pooled(whole, mags=mags), mean_pooled(data.val, mags=mags))}
     if getattr(model, "gene_probe", None) is not None:
         parts["genes"] = (model.gene_probe, gene_vectors(data.train), gene_vectors(data.val))
-    chosen = {}
     for name, (target, train, val) in parts.items():
         if task == "classification" and len(set(train.target.tolist())) < 2:
             chosen[name] = {"skipped": "the training part has one class"}  # the probe stays 0: adds nothing
@@ -211,7 +233,8 @@ def reuse_slide_probe(model: torch.nn.Module, source: torch.nn.Module, chosen: d
     """Copy ``source``'s fitted slide probe into ``model`` (the fold's teacher into its
     student): both are fitted on the same fold's whole training slides, so a refit would read
     every training slide again for the same result. Returns what the source's validation chose
-    (``chosen``, from its config.json), or None when there is nothing of the same shape to copy."""
+    (``chosen``, from its config.json), or None when there is nothing of the same shape to copy
+    (a student whose probe also reads map-pooled features is fitted on its own)."""
     target, fitted = getattr(model, "slide_probe", None), getattr(source, "slide_probe", None)
     if target is None or fitted is None or not chosen or "slide" not in chosen:
         return None

@@ -6,7 +6,7 @@ import torch
 
 from napari_dismm.errors import DataError
 from napari_dismm.model.checkpoint import load_model, save_model
-from napari_dismm.model.probes import FrozenProbe, masked_mean, pooled_magnifications
+from napari_dismm.model.probes import FrozenProbe, MapScorers, masked_mean, pooled_magnifications
 from napari_dismm.model.student import Student, StudentConfig
 from napari_dismm.model.teacher import Teacher, TeacherConfig
 from tests.model.model_helpers import make_batch, single_thread  # noqa: F401
@@ -106,12 +106,12 @@ def test_a_missing_magnification_adds_nothing_through_the_probe():
     probe = FrozenProbe(2 * D_IN, C)
     random_fit(probe, 5)
     bags = {"20x": torch.randn(2, 4, D_IN)}
-    pooled = pooled_magnifications(bags, None, MAGS, probe)
+    pooled = pooled_magnifications(bags, None, MAGS, probe.mean)
     torch.testing.assert_close(pooled[:, :D_IN], probe.mean[:D_IN].expand(2, D_IN))
     torch.testing.assert_close(pooled[:, D_IN:], bags["20x"].mean(1))
     empty = {m: torch.randn(2, 4, D_IN) for m in MAGS}
     masks = {"10x": torch.tensor([[True] * 4, [False] * 4]), "20x": torch.ones(2, 4, dtype=torch.bool)}
-    pooled = pooled_magnifications(empty, masks, MAGS, probe)  # slide 1 has no 10x patch
+    pooled = pooled_magnifications(empty, masks, MAGS, probe.mean)  # slide 1 has no 10x patch
     torch.testing.assert_close(pooled[1, :D_IN], probe.mean[:D_IN])
     torch.testing.assert_close(pooled[0, :D_IN], empty["10x"][0].mean(0))
 
@@ -121,3 +121,117 @@ def test_masked_mean_reads_real_patches_only_and_set_fit_checks_shapes():
     torch.testing.assert_close(masked_mean(bag, torch.tensor([[True, True, False]])), torch.tensor([[2.0]]))
     with pytest.raises(DataError, match="shape"):
         FrozenProbe(4, 2).set_fit(mean=np.zeros(3), scale=np.ones(4), weight=np.zeros((2, 4)), bias=np.zeros(2))
+
+
+def fitted_scorers(seed: int, context: float = 0.0) -> MapScorers:
+    rng = np.random.default_rng(seed)
+    scorers = MapScorers(len(MAGS), D_IN, context=context)
+    scorers.set_fit(mean=rng.normal(size=(2, D_IN)), scale=rng.uniform(0.5, 2, size=(2, D_IN)),
+                    weight=rng.normal(size=(2, 2, D_IN)))
+    return scorers
+
+
+def test_map_scores_pool_each_slide_by_the_softmax_of_standardised_scores():
+    """Per magnification and subspace: softmax over the slide's real patches of
+    ((x - mean) / scale) . w, pooling the raw features; padding changes nothing, and an
+    unfitted scorer pools the mean (so it is the mean probe until fitted)."""
+    scorers = fitted_scorers(0)
+    raw = {m: [torch.randn(n, D_IN) for n in (7, 3)] for m in MAGS}
+    bags = {m: torch.zeros(2, 9, D_IN) for m in MAGS}
+    masks = {m: torch.zeros(2, 9, dtype=torch.bool) for m in MAGS}
+    for m in MAGS:
+        for b, x in enumerate(raw[m]):
+            bags[m][b, :len(x)], masks[m][b, :len(x)] = x, True
+            bags[m][b, len(x):] = 1e3  # padding that would dominate any pooling that read it
+    fill = torch.zeros(len(MAGS) * 2 * D_IN)
+    got = scorers(bags, masks, MAGS, fill)
+    assert got.shape == (2, len(MAGS) * 2 * D_IN)
+    for b in range(2):
+        parts = []
+        for i, m in enumerate(MAGS):
+            z = (raw[m][b] - scorers.mean[i]) / scorers.scale[i]
+            for u in range(2):
+                parts.append(torch.softmax(z @ scorers.weight[i, u], dim=0) @ raw[m][b])
+        torch.testing.assert_close(got[b], torch.cat(parts), rtol=1e-4, atol=1e-4)
+    plain = MapScorers(len(MAGS), D_IN)(bags, masks, MAGS, fill)
+    for b in range(2):
+        want = torch.cat([raw[m][b].mean(0).repeat(2) for m in MAGS])
+        torch.testing.assert_close(plain[b], want, rtol=1e-5, atol=1e-5)
+
+
+def test_map_scores_fill_a_missing_magnification_and_an_empty_slide():
+    scorers = fitted_scorers(1)
+    fill = torch.arange(len(MAGS) * 2 * D_IN, dtype=torch.float32)
+    bags = {"20x": torch.randn(2, 4, D_IN)}
+    masks = {"20x": torch.tensor([[True] * 4, [False] * 4])}
+    got = scorers(bags, masks, MAGS, fill)
+    width = 2 * D_IN
+    torch.testing.assert_close(got[:, :width], fill[:width].expand(2, width))  # no 10x in the batch
+    torch.testing.assert_close(got[1, width:], fill[width:])  # slide 1 has no 20x patch
+    assert torch.isfinite(got).all()
+    with pytest.raises(DataError, match="shape"):
+        scorers.set_fit(mean=np.zeros((2, D_IN)), scale=np.ones((2, D_IN)), weight=np.zeros((2, D_IN)))
+
+
+def test_a_student_probe_on_teacher_maps_reads_mean_and_score_pooled_features(tmp_path):
+    """``probe_pooling = "teacher_maps"``: the probe reads the mean features, then the
+    score-pooled ones; the scorers are frozen buffers that travel with the checkpoint."""
+    model = build("student", probe_pooling="teacher_maps").eval()
+    assert model.slide_probe.weight.shape == (C, 3 * len(MAGS) * D_IN)
+    random_fit(model.slide_probe, 2)
+    scorers = fitted_scorers(3, context=model.config.probe_context)
+    model.map_scorers.load_state_dict(scorers.state_dict())
+    assert not any(name.startswith("map_scorers") for name, _ in model.named_parameters())
+    batch = make_batch([7, 3], [9, 4], d_in=D_IN, n_tumor=N_T, n_tme=N_E, seed=4)
+    width = len(MAGS) * D_IN
+    inputs = model.probe_inputs(batch["bags"], batch["masks"], coords=batch["coords"])
+    torch.testing.assert_close(inputs[:, :width], pooled_magnifications(batch["bags"], batch["masks"], MAGS,
+                                                                         model.slide_probe.mean[:width]))
+    steps = {m: torch.full((2,), 448.0 * 10 / float(m[:-1]), dtype=torch.float64) for m in MAGS}  # the default footprint
+    torch.testing.assert_close(inputs[:, width:], scorers(batch["bags"], batch["masks"], MAGS,
+                                                          model.slide_probe.mean[width:], coords=batch["coords"],
+                                                          steps=steps))
+    assert not torch.allclose(inputs[:, width:], scorers(batch["bags"], batch["masks"], MAGS,
+                                                         model.slide_probe.mean[width:]))  # the context counts
+    probe = model.slide_probe
+    own, full = forward(model, batch, with_probes=False), forward(model, batch)
+    added = full.per_magnification_logits["20x"] - own.per_magnification_logits["20x"]
+    torch.testing.assert_close(added, ((inputs - probe.mean) / probe.scale) @ probe.weight.T + probe.bias,
+                               rtol=1e-4, atol=1e-4)
+    save_model(model, tmp_path / "m")
+    loaded, doc = load_model(tmp_path / "m")
+    assert doc["model"]["probe_pooling"] == "teacher_maps"
+    torch.testing.assert_close(forward(loaded.eval(), batch).logits, forward(model, batch).logits)
+
+
+def test_map_scores_read_each_patch_with_its_lattice_neighbourhood():
+    """With context c the scores read and pool (1 - c) x_i + c mean(3 x 3 block of x_i), the
+    block found on each bag's own footprint (a bag of a 0.25 um/px scanner has twice the
+    level-0 step); padding is never a neighbour."""
+    from napari_dismm.model.context import lattice_neighbour_mean
+
+    scorers = fitted_scorers(6, context=0.5)
+    x = torch.randn(2, 6, D_IN)
+    grid = torch.tensor([[0, 0], [1, 0], [2, 0], [0, 1], [1, 1], [2, 1]])
+    coords = torch.stack([grid * 224, grid * 448])  # the same lattice at two footprints
+    steps = torch.tensor([224.0, 448.0], dtype=torch.float64)
+    mixed = scorers.mixed(x, coords, None, steps)
+    for b in range(2):
+        want = 0.5 * x[b] + 0.5 * lattice_neighbour_mean(x[b], coords[b], step=float(steps[b]))
+        torch.testing.assert_close(mixed[b], want)
+    torch.testing.assert_close(mixed[0], scorers.mixed(x[:1], coords[:1], None, steps[:1])[0])
+    assert not torch.allclose(mixed, x)
+    torch.testing.assert_close(scorers.mixed(x, None, None, steps), x)  # no coordinates: the patch alone
+    padded = torch.cat([x[:1], torch.full((1, 3, D_IN), 1e3)], dim=1)
+    where = torch.cat([coords[:1], torch.tensor([[[3 * 224, 0], [3 * 224, 224], [0, 2 * 224]]])], dim=1)
+    mask = torch.tensor([[True] * 6 + [False] * 3])
+    torch.testing.assert_close(scorers.mixed(padded, where, mask, steps[:1])[0, :6], mixed[0])
+    # the forward pass mixes scores and weights instead of features: the same pooling
+    fill = torch.zeros(len(MAGS) * 2 * D_IN)
+    got = scorers({"20x": x}, None, ("10x", "20x"), fill, coords={"20x": coords}, steps={"20x": steps})
+    for b in range(2):
+        a = torch.softmax(scorers.scores(mixed[b], 1), dim=0)  # (N, 2)
+        torch.testing.assert_close(got[b, 2 * D_IN:], (a.T @ mixed[b]).reshape(-1), rtol=1e-4, atol=1e-5)
+    got = scorers({"20x": padded}, {"20x": mask}, ("10x", "20x"), fill, coords={"20x": where}, steps={"20x": steps[:1]})
+    a = torch.softmax(scorers.scores(mixed[0], 1), dim=0)
+    torch.testing.assert_close(got[0, 2 * D_IN:], (a.T @ mixed[0]).reshape(-1), rtol=1e-4, atol=1e-5)

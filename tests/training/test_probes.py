@@ -9,6 +9,7 @@ import torch
 from napari_dismm.model.probes import own_outputs
 from napari_dismm.model.registry import build_model
 from training.dataset import collate_bags
+from training.map_scorers import MAP_PENALTIES
 from training.probes import fit_frozen_paths, gene_vectors, mean_pooled
 from training.stages.distillation import DistillationObjective
 from training.stages.supervised import SupervisedObjective, model_config
@@ -16,10 +17,11 @@ from training.stages.supervised import SupervisedObjective, model_config
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def fitted(kind, setup):
+def fitted(kind, setup, teacher=None, **changes):
     torch.manual_seed(0)
-    model = build_model(model_config(kind, setup))
-    chosen = fit_frozen_paths(model, setup.data, task=setup.task, n_outputs=setup.n_outputs, select_on="loss", seed=0)
+    model = build_model({**model_config(kind, setup), **changes})
+    chosen = fit_frozen_paths(model, setup.data, task=setup.task, n_outputs=setup.n_outputs, select_on="loss", seed=0,
+                              teacher=teacher)
     return model, chosen
 
 
@@ -36,8 +38,14 @@ def test_the_defaults_fit_the_teachers_two_probes_on_the_training_part(setup):
     g = gene_vectors(setup.data.train).x
     np.testing.assert_allclose(model.gene_probe.mean.numpy(), g.mean(0), rtol=1e-4, atol=1e-5)
     assert float(model.slide_probe.weight.abs().sum()) > 0 and float(model.gene_probe.weight.abs().sum()) > 0
-    student, chosen = fitted("student", setup)
-    assert set(chosen) == {"slide"} and not hasattr(student, "gene_probe")
+    student, chosen = fitted("student", setup, teacher=model)
+    assert set(chosen) == {"map_scorers", "slide"} and not hasattr(student, "gene_probe")
+    assert setup.cfg.student.probe_pooling == "teacher_maps"
+    assert student.slide_probe.mean.shape == (3 * len(mags) * setup.d_in,)  # mean, then tumor- and TME-pooled
+    np.testing.assert_allclose(student.slide_probe.mean.numpy()[:len(mags) * setup.d_in], x.mean(0), rtol=1e-4,
+                               atol=1e-5)
+    assert set(chosen["map_scorers"]) == set(mags) and all(
+        c["penalty"] in MAP_PENALTIES for per in chosen["map_scorers"].values() for c in per.values())
     abmil = build_model(model_config("abmil", setup))
     assert fit_frozen_paths(abmil, setup.data, task=setup.task, n_outputs=setup.n_outputs, select_on="loss",
                             seed=0) is None and own_outputs(abmil) == {}
@@ -49,7 +57,7 @@ def test_training_losses_read_the_models_own_logits(setup):
     training signal, README)."""
     batch = collate_bags([setup.data.train[i] for i in range(4)])
     teacher, _ = fitted("teacher", setup)
-    student, _ = fitted("student", setup)
+    student, _ = fitted("student", setup, teacher=teacher)
     teacher.eval(), student.eval()  # no dropout: two passes must agree
     losses = []
     for fitted_probes in (True, False):
@@ -109,9 +117,11 @@ def test_the_student_takes_the_teachers_slide_probe_which_a_refit_would_repeat(s
     from training.probes import reuse_slide_probe
 
     teacher, chosen = fitted("teacher", setup)
-    refit, _ = fitted("student", setup)
-    student = build_model(model_config("student", setup))
+    refit, _ = fitted("student", setup, probe_pooling="mean")
+    student = build_model({**model_config("student", setup), "probe_pooling": "mean"})
     assert reuse_slide_probe(student, teacher, None) is None
+    by_maps = build_model(model_config("student", setup))  # its probe reads more than the teacher's: a refit
+    assert reuse_slide_probe(by_maps, teacher, chosen) is None
     got = reuse_slide_probe(student, teacher, chosen)
     assert got["slide"]["C"] == chosen["slide"]["C"]
     for name, buffer in student.slide_probe.named_buffers():

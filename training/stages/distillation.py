@@ -215,7 +215,7 @@ def train_student_fold(
     if not (out_dir / "metrics.json").exists():
         chosen = reuse_slide_probe(student, teacher, teacher_doc.get("probes")) or fit_frozen_paths(
             student, setup.data, task=setup.task, n_outputs=setup.n_outputs, select_on=cfg.cv.select_on,
-            seed=seed_for(cfg.cv.seed, name, setup.index, "probes"))
+            seed=seed_for(cfg.cv.seed, name, setup.index, "probes"), teacher=teacher, device=ctx.device)
     s = cfg.student
     settings = LoopSettings(s.epochs, s.lr, s.weight_decay, s.patience, cfg.data.batch_size, cfg.cv.select_on,
                             cfg.cv.seed, cfg.cv.weight_ema)

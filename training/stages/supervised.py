@@ -146,7 +146,10 @@ def model_config(kind: str, setup: FoldSetup, *, cgc: bool = True, dev_weight: f
             return {**common, "k": m.k, "knn": m.knn, "n_heads": m.n_heads, "dropout": m.dropout,
                     "assignment": m.ita_assignment, "temperature": m.ita_temperature,
                     "membership_scale": m.ita_membership_scale, "candidates": m.ita_candidates,
-                    "n_anchors": m.ita_anchors, "probes": setup.cfg.student.probes}
+                    "n_anchors": m.ita_anchors, "probes": setup.cfg.student.probes,
+                    "probe_pooling": setup.cfg.student.probe_pooling,
+                    "probe_context": setup.cfg.student.probe_context,
+                    "patch_size_10x_level0": setup.patch_size_10x_level0}
         case "abmil":
             return {**common, "dropout": m.dropout, "combine": setup.cfg.baselines.combine}
         case "late_fusion" | "genes_only":

@@ -31,7 +31,7 @@ from napari_dismm.model.registry import build_model, config_from_dict
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 #: keys a newer format added to a model section, with the value every older file meant
 #: (format 2: the student's ITA got soft assignment, the teacher a spatial context;
 #: format-1 students merged hard, so their temperature is never used, and format-1
@@ -41,12 +41,15 @@ FORMAT_VERSION = 5
 #: unit: older students took centres among the densest tokens and scaled by the spread;
 #: the teacher's CGC got a granularity, and older teachers were trained with whole blocks;
 #: the teacher got gene gates, and older teachers let the genes in ungated; format 5: the
-#: teacher and the student got frozen linear probes, which older models did not have)
+#: teacher and the student got frozen linear probes, which older models did not have; format 6:
+#: the student's probe may also read features pooled by scores fitted to the teacher's maps,
+#: older students' probes read the mean alone)
 _ADDED_IN = {2: {"student": {"assignment": "hard", "temperature": 2.0}, "teacher": {"spatial_context": 0.0}},
              3: {"teacher": {"gene_residual": False, "slide_head": False, "gene_dropout": 0.0, "base_query": False}},
              4: {"student": {"candidates": "densest", "membership_scale": "spread"},
                  "teacher": {"cgc_granularity": "block", "gene_gate": False}},
-             5: {"student": {"probes": False}, "teacher": {"probes": False}}}
+             5: {"student": {"probes": False}, "teacher": {"probes": False}},
+             6: {"student": {"probe_pooling": "mean", "probe_context": 0.5, "patch_size_10x_level0": 448.0}}}
 RESERVED = frozenset({"model", "model_id", "format_version"})
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
 

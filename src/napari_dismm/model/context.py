@@ -26,7 +26,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["lattice_neighbour_mean", "magnification_number", "neighbour_counts", "neighbour_pairs", "with_context"]
+__all__ = ["lattice_neighbour_mean", "magnification_number", "neighbour_counts", "neighbour_mean", "neighbour_mean_adjoint",
+           "neighbour_pairs", "with_context"]
 
 _OFFSETS = [(dx, dy) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
 
@@ -46,7 +47,7 @@ def lattice_neighbour_mean(tokens: Tensor, coords: Tensor, *, step: float) -> Te
     """(n, d) mean of each token and its up to 8 lattice neighbours, for one bag.
 
     ``coords`` (n, 2) level-0 top-left x, y; ``step`` the patch size in level-0 pixels."""
-    return _neighbour_mean(tokens[None], coords[None], None, step=step)[0]
+    return neighbour_mean(tokens[None], coords[None], None, step=step)[0]
 
 
 def _per_bag(step: float | Tensor, bsz: int, device: torch.device) -> Tensor:
@@ -98,19 +99,39 @@ def neighbour_counts(coords: Tensor, mask: Tensor | None, *, step: float | Tenso
     return torch.bincount(rows, minlength=bsz * n).reshape(bsz, n)
 
 
-def _neighbour_mean(tokens: Tensor, coords: Tensor, mask: Tensor | None, *, step: float | Tensor) -> Tensor:
+def _block_weights(coords: Tensor, mask: Tensor | None, n_rows: int, *, step: float | Tensor,
+                   dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """(rows, cols, weight): patch ``rows[k]``'s neighbourhood mean takes ``cols[k]`` with
+    ``weight[k]`` = 1 / the size of its 3 x 3 block."""
+    rows, cols = neighbour_pairs(coords, mask, step=step)
+    count = torch.bincount(rows, minlength=n_rows).clamp_min(1).to(dtype)
+    return rows, cols, 1.0 / count[rows]
+
+
+def neighbour_mean(tokens: Tensor, coords: Tensor, mask: Tensor | None, *, step: float | Tensor) -> Tensor:
     """(B, N, d) neighbourhood means of a padded batch, all bags at once (one sort of
     (bag, cell) keys, one ``searchsorted`` per neighbour offset, one sparse product)."""
     bsz, n, _ = tokens.shape
     if n == 0:
         return tokens
-    rows, cols = neighbour_pairs(coords.to(tokens.device), mask, step=step)
-    flat = tokens.reshape(bsz * n, -1)
-    count = torch.bincount(rows, minlength=bsz * n).clamp_min(1).to(flat.dtype)
+    rows, cols, weight = _block_weights(coords.to(tokens.device), mask, bsz * n, step=step, dtype=tokens.dtype)
     # the neighbourhood mean as one sparse (BN x BN) product: cheap forward and backward
-    weights = torch.sparse_coo_tensor(torch.stack([rows, cols]), 1.0 / count[rows], (bsz * n, bsz * n),
+    weights = torch.sparse_coo_tensor(torch.stack([rows, cols]), weight, (bsz * n, bsz * n),
                                       check_invariants=False)  # indices valid by construction
-    return torch.sparse.mm(weights, flat).reshape(tokens.shape)
+    return torch.sparse.mm(weights, tokens.reshape(bsz * n, -1)).reshape(tokens.shape)
+
+
+def neighbour_mean_adjoint(values: Tensor, coords: Tensor, mask: Tensor | None, *, step: float | Tensor) -> Tensor:
+    """(B, N, k) the transpose of the neighbourhood mean applied to ``values``: out_j = sum
+    over the patches i whose 3 x 3 block holds j of values_i / |block of i|. Why: a weighted
+    sum of mixed tokens, sum_i a_i mean_i, equals sum_j (adjoint a)_j t_j, so a pooling over
+    mixed features never needs the (B, N, d) mixed copy, only (B, N, k) weights."""
+    bsz, n, _ = values.shape
+    if n == 0:
+        return values
+    rows, cols, weight = _block_weights(coords.to(values.device), mask, bsz * n, step=step, dtype=values.dtype)
+    flat = values.reshape(bsz * n, -1)
+    return torch.zeros_like(flat).index_add_(0, cols, flat[rows] * weight[:, None]).reshape(values.shape)
 
 
 def with_context(tokens: Tensor, coords: Tensor, mask: Tensor | None, *, step: float | Tensor,
@@ -121,5 +142,5 @@ def with_context(tokens: Tensor, coords: Tensor, mask: Tensor | None, *, step: f
     cohort mixes scanners). Padding (``mask`` False) is neither a neighbour nor changed."""
     if weight == 0:
         return tokens
-    mixed = (1 - weight) * tokens + weight * _neighbour_mean(tokens, coords, mask, step=step)
+    mixed = (1 - weight) * tokens + weight * neighbour_mean(tokens, coords, mask, step=step)
     return mixed if mask is None else torch.where(mask.bool()[..., None], mixed, tokens)

@@ -23,7 +23,8 @@ from torch import Tensor, nn
 from napari_dismm.errors import DataError, ModelConfigError
 from napari_dismm.model.config import validate_common
 from napari_dismm.model.heads import SubspaceFusionHead, combine_magnifications
-from napari_dismm.model.inputs import check_bags, mask_for
+from napari_dismm.model.context import magnification_number
+from napari_dismm.model.inputs import bag_steps, check_bags, mask_for
 from napari_dismm.model.ita import (
     ASSIGNMENTS,
     CANDIDATES,
@@ -36,9 +37,13 @@ from napari_dismm.model.ita import (
 from napari_dismm.model.layers import PatchEmbedding
 from napari_dismm.model.mixing import TokenMixer
 from napari_dismm.model.outputs import SUBSPACES, ITAResult, ModelOutput
-from napari_dismm.model.probes import FrozenProbe, pooled_magnifications
+from napari_dismm.model.probes import FrozenProbe, MapScorers, pooled_magnifications
 
-__all__ = ["Student", "StudentConfig"]
+__all__ = ["PROBE_POOLINGS", "Student", "StudentConfig"]
+
+#: what the student's frozen probe reads: the mean patch features of every magnification, or
+#: those and the features pooled by per-patch scores fitted to the teacher's maps
+PROBE_POOLINGS = ("mean", "teacher_maps")
 
 
 @dataclass
@@ -59,7 +64,11 @@ class StudentConfig:
     "width" (the clusters' own width: memberships sharpen as the clusters separate, which
     cost the planted student's maps; README); see ``model.ita``. ``probes``: a frozen linear
     path on the mean patch features of every magnification whose logits the student adds to
-    each magnification's (model/probes.py; the teacher's, without the genes)."""
+    each magnification's (model/probes.py; the teacher's, without the genes);
+    ``probe_pooling`` "teacher_maps": the probe also reads each magnification's patch
+    features, mixed with their lattice neighbourhood at weight ``probe_context``, pooled by
+    frozen tumor / TME scores fitted to the teacher's maps (``MapScorers``);
+    ``patch_size_10x_level0`` stands in for a bag's footprint where its file gives none."""
 
     kind: str = "student"
     task: str = "classification"
@@ -84,6 +93,9 @@ class StudentConfig:
     candidates: str = "anchors"
     membership_scale: str = "spread"
     probes: bool = False
+    probe_pooling: str = "mean"
+    probe_context: float = 0.5
+    patch_size_10x_level0: float = 448.0
 
     def __post_init__(self) -> None:
         self.magnifications = tuple(self.magnifications)
@@ -104,6 +116,9 @@ class StudentConfig:
             "temperature": self.temperature > 0,
             "candidates": self.candidates in CANDIDATES,
             "membership_scale": self.membership_scale in MEMBERSHIP_SCALES,
+            "probe_pooling": self.probe_pooling in PROBE_POOLINGS,
+            "probe_context": 0 <= self.probe_context <= 1,
+            "patch_size_10x_level0": self.patch_size_10x_level0 > 0,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -111,7 +126,8 @@ class StudentConfig:
                 f"invalid StudentConfig value(s) for {', '.join(bad)} "
                 f"(need k, knn >= 1, n_anchors >= 2, n_candidates >= k, d divisible by n_heads, "
                 f"assignment one of {ASSIGNMENTS}, temperature > 0, candidates one of {CANDIDATES}, "
-                f"membership_scale one of {MEMBERSHIP_SCALES})"
+                f"membership_scale one of {MEMBERSHIP_SCALES}, probe_pooling one of {PROBE_POOLINGS}, "
+                f"probe_context in [0, 1], patch_size_10x_level0 > 0)"
             )
 
 
@@ -185,7 +201,10 @@ class Student(nn.Module):
         self.register_buffer("prototypes", default_prototypes(config.d).expand(len(mags), 2, config.d).clone())
         self.register_buffer("prototypes_set", torch.zeros(len(mags), dtype=torch.bool))
         if config.probes:
-            self.slide_probe = FrozenProbe(config.d_in * len(mags), config.n_outputs)
+            by_maps = config.probe_pooling == "teacher_maps"
+            self.slide_probe = FrozenProbe(config.d_in * len(mags) * (3 if by_maps else 1), config.n_outputs)
+            if by_maps:
+                self.map_scorers = MapScorers(len(mags), config.d_in, context=config.probe_context)
 
     @torch.no_grad()
     def set_subspace_prototypes(self, tumor: Tensor, tme: Tensor, *, magnification: str | None = None) -> None:
@@ -235,7 +254,7 @@ class Student(nn.Module):
         present = check_bags(bags, masks, magnifications=cfg.magnifications, d_in=cfg.d_in)
         probe_logits = None
         if cfg.probes and with_probes:
-            probe_logits = self.slide_probe(pooled_magnifications(bags, masks, cfg.magnifications, self.slide_probe))
+            probe_logits = self.slide_probe(self.probe_inputs(bags, masks, coords=coords, footprints=footprints))
         logits, attention, features, ita = {}, {}, {}, {}
         for mag in present:
             mag_coords = None if coords is None else coords.get(mag)
@@ -249,6 +268,26 @@ class Student(nn.Module):
             logits=combined, per_magnification_logits=logits, attention=attention, features=features, ita=ita
         )
         return output.fill_derived(self.fusion_heads[present[0]].describe(combined))
+
+    def probe_inputs(self, bags: dict[str, Tensor], masks: dict[str, Tensor] | None, *,
+                     coords: dict[str, Tensor] | None = None, footprints: dict[str, Tensor] | None = None) -> Tensor:
+        """What the frozen slide probe reads: (B, M x D) mean patch features, then with
+        ``probe_pooling`` "teacher_maps" (B, M x 2 x D) features pooled by the map scores."""
+        mags, fill = self.config.magnifications, self.slide_probe.mean
+        width = self.config.d_in * len(mags)
+        mean = pooled_magnifications(bags, masks, mags, fill[:width])
+        if getattr(self, "map_scorers", None) is None:
+            return mean
+        pooled = self.map_scorers(bags, masks, mags, fill[width:], coords=coords,
+                                  steps=self.footprint_steps(bags, footprints))
+        return torch.cat([mean, pooled], dim=-1)
+
+    def footprint_steps(self, bags: dict[str, Tensor], footprints: dict[str, Tensor] | None) -> dict[str, Tensor]:
+        """Per magnification, (B,) each bag's patch footprint in level-0 pixels (its file's,
+        else ``patch_size_10x_level0`` scaled to the magnification)."""
+        size10 = self.config.patch_size_10x_level0
+        return {mag: bag_steps(footprints, mag, batch=x.shape[0], device=x.device,
+                               default=size10 * 10.0 / magnification_number(mag)) for mag, x in bags.items()}
 
     def _magnification(
         self, mag: str, x: Tensor, coords: Tensor | None, mask: Tensor | None

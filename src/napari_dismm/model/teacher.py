@@ -194,7 +194,7 @@ class Teacher(nn.Module):
         logits, attention, features, extras = {}, {}, {}, {}
         probe_logits = None
         if cfg.probes and with_probes:
-            pooled = pooled_magnifications(bags, masks, cfg.magnifications, self.slide_probe)
+            pooled = pooled_magnifications(bags, masks, cfg.magnifications, self.slide_probe.mean)
             probe_logits = self.slide_probe(pooled) + self.gene_probe(torch.cat([genes[u] for u in SUBSPACES], dim=-1))
         for mag in present:
             tokens = self.embed[mag](bags[mag])
