@@ -1,13 +1,15 @@
 """Fit the student's frozen map scorers (model/probes.py ``MapScorers``) to the teacher's maps.
 
 Per magnification and subspace, a linear score s(x) = z(x) . v over standardised patch
-features (mixed with their lattice neighbourhood, ``MapScorers.mixed``) whose softmax over a slide's patches matches the teacher's map on that slide:
-minimise the mean over training slides of KL(teacher map || softmax(s)) + penalty |v|^2,
+features (mixed with their lattice neighbourhood, ``MapScorers.mixed``) whose softmax over a
+slide's patches matches the teacher's map on that slide: minimise the mean over training slides of KL(teacher map || softmax(s)) + penalty |v|^2,
 a smooth convex problem solved by L-BFGS, the penalty chosen on the validation slides' KL.
 The teacher reads the genes; the scores do not, so they carry its gene-guided localisation
-to slides without expression. Each slide contributes at most ``MAP_FIT_PATCHES`` patches
-(drawn without replacement, the teacher's map renormalised over them): the fit's memory is
-bounded whatever the bag sizes, and a region of a few percent of a bag keeps its share.
+to slides without expression. Each slide contributes at most ``MAP_FIT_PATCHES`` patches,
+fewer when the cohort is large (``MAP_FIT_ROWS`` per magnification in all; drawn without
+replacement, the teacher's map renormalised over them): the fit's memory is bounded whatever
+the bag sizes and slide counts (131k rows x 1024 features = 0.5 GB per magnification), and a
+region of a few percent of a bag keeps its share.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ from training.engine import predict
 
 #: patches per slide and magnification the fit reads at most
 MAP_FIT_PATCHES = 2048
+#: rows per magnification the fit holds at most over all slides (a large cohort gives each
+#: slide fewer, never below ``MAP_FIT_MIN_PATCHES``)
+MAP_FIT_ROWS = 131072
+MAP_FIT_MIN_PATCHES = 64
 #: the penalties validation chooses from (on standardised features)
 MAP_PENALTIES: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)
 #: L-BFGS iterations per penalty
@@ -49,6 +55,7 @@ def teacher_map_samples(teacher: torch.nn.Module, model: torch.nn.Module, datase
     and (n, 2) the teacher's tumor and TME maps on them, each column renormalised to sum to 1
     (slides whose map has no mass on the sample are left out)."""
     pred = predict(teacher, dataset, attention=True, device=device)
+    per_slide = min(MAP_FIT_PATCHES, max(MAP_FIT_MIN_PATCHES, MAP_FIT_ROWS // max(len(dataset), 1)))
     samples: dict[str, list[tuple[Tensor, Tensor]]] = {m: [] for m in magnifications}
     for i, maps in enumerate(pred.attention):
         bag = dataset[i]
@@ -59,7 +66,7 @@ def teacher_map_samples(teacher: torch.nn.Module, model: torch.nn.Module, datase
             if n == 0:
                 continue
             x = scorer_features(model, bag, mag)
-            keep = np.sort(rng.choice(n, size=min(n, MAP_FIT_PATCHES), replace=False))
+            keep = np.sort(rng.choice(n, size=min(n, per_slide), replace=False))
             target = np.stack([np.asarray(maps[mag][u], dtype=np.float64)[keep] for u in SUBSPACES], axis=1)
             mass = target.sum(axis=0)
             if not np.all(mass > 0) or not np.all(np.isfinite(target)):
