@@ -22,8 +22,7 @@ import torch
 from torch import Tensor
 
 from napari_dismm.model.outputs import SUBSPACES
-from training.dataset import SlideDataset
-from training.engine import predict
+from training.dataset import SlideDataset, collate_bags
 
 #: patches per slide and magnification the fit reads at most
 MAP_FIT_PATCHES = 2048
@@ -54,24 +53,31 @@ def teacher_map_samples(teacher: torch.nn.Module, model: torch.nn.Module, datase
     """Per magnification, per slide: (n, D) sampled features as ``model``'s scorers read them
     and (n, 2) the teacher's tumor and TME maps on them, each column renormalised to sum to 1
     (slides whose map has no mass on the sample are left out)."""
-    pred = predict(teacher, dataset, attention=True, device=device)
     per_slide = min(MAP_FIT_PATCHES, max(MAP_FIT_MIN_PATCHES, MAP_FIT_ROWS // max(len(dataset), 1)))
     samples: dict[str, list[tuple[Tensor, Tensor]]] = {m: [] for m in magnifications}
-    for i, maps in enumerate(pred.attention):
-        bag = dataset[i]
+    was_training = teacher.training
+    teacher.eval()
+    for i in range(len(dataset)):
+        bag = dataset[i]  # read once: the teacher's maps and the sampled features come from it
+        batch = collate_bags([bag]).to(device)
+        with torch.no_grad():
+            attention = teacher(batch.bags, **batch.model_kwargs()).attention
         for mag in magnifications:
-            if mag not in bag.bags or mag not in maps:
+            if mag not in bag.bags or mag not in attention:
                 continue
             n = bag.bags[mag].shape[0]
             if n == 0:
                 continue
+            real = batch.masks[mag][0].bool()
+            maps = {u: attention[mag][u][0][real].float().cpu().numpy() for u in SUBSPACES}
             x = scorer_features(model, bag, mag)
             keep = np.sort(rng.choice(n, size=min(n, per_slide), replace=False))
-            target = np.stack([np.asarray(maps[mag][u], dtype=np.float64)[keep] for u in SUBSPACES], axis=1)
+            target = np.stack([np.asarray(maps[u], dtype=np.float64)[keep] for u in SUBSPACES], axis=1)
             mass = target.sum(axis=0)
             if not np.all(mass > 0) or not np.all(np.isfinite(target)):
                 continue
             samples[mag].append((x[torch.from_numpy(keep)], torch.from_numpy(target / mass).float()))
+    teacher.train(was_training)
     return samples
 
 
